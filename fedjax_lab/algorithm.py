@@ -1,0 +1,235 @@
+"""A federated algorithm as a composition of transforms, and the round built from it.
+
+The round (DESIGN.md, "The round, as data flows"):
+
+    ids      = sample(rng)                                  # on device
+    cohort   = gather(data, ids)                            # [C, max_n, ...] + sizes
+    down     = broadcast(state)                             # params + method extras
+    per client (mapped by parallel.py):
+      extra  = client_extra_args(down, client_state)        # kwargs for client_tx
+      local  = local_train(oracle, client_tx, schedule, down['params'], ...)
+      up, client_state' = client_final(local, down, client_state)
+    agg      = aggregator(up[C], weights[C])                # inside the mapped region
+    state    = server_update(state, agg, C / N)             # default: server_tx on -agg['delta']
+
+Methods replace hooks with ``dataclasses.replace`` or construct the dataclass with
+their own; everything else is shared.
+"""
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab import aggregate as aggregate_lib
+from fedjax_lab import client as client_lib
+from fedjax_lab import parallel
+from fedjax_lab import sampling
+from fedjax_lab.data.federated import FederatedData, gather_cohort
+from fedjax_lab.transforms import Aggregator, GradientOracle, as_extra_args
+from fedjax_lab.types import Params, PRNGKey, PyTree
+
+
+class ServerState(NamedTuple):
+  """The entire state of a run; one pytree, checkpointed whole.
+
+  Attributes:
+    params: global model.
+    opt_state: server optimizer state.
+    round: int32 scalar, rounds completed.
+    rng: uint32[2] base key; round r uses fold_in(rng, r).
+    client_states: per-client persistent state, leaves ``[num_clients, ...]`` (or ()).
+    extra: method-specific server state (e.g. SCAFFOLD's global control variate).
+    agg_state: aggregator state.
+  """
+  params: Params
+  opt_state: PyTree
+  round: jax.Array
+  rng: PRNGKey
+  client_states: PyTree
+  extra: dict
+  agg_state: PyTree
+
+
+def default_broadcast(state: ServerState) -> dict:
+  return {"params": state.params}
+
+
+def default_client_extra_args(message_down: dict, client_state: PyTree) -> dict:
+  del client_state
+  return {"global_params": message_down["params"]}
+
+
+def default_client_final(local: client_lib.LocalResult, message_down: dict,
+                         client_state: PyTree) -> tuple[dict, PyTree]:
+  delta = jax.tree.map(jnp.subtract, local.params, message_down["params"])
+  return {"delta": delta}, client_state
+
+
+def apply_server_tx(server_tx: optax.GradientTransformation, state: ServerState,
+                    mean_delta: Params) -> ServerState:
+  """``x <- x + server_tx(-mean_delta)``: the pseudo-gradient step of FedOpt."""
+  pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
+  updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
+  return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedAlgorithm:
+  """Pure pieces of one federated method.
+
+  Attributes:
+    name: registry name.
+    oracle: gradient oracle used at every local step.
+    client_tx: client optax transform (extra args: ``global_params`` + method extras).
+    server_tx: server optax transform on the pseudo-gradient.
+    schedule: local epochs/steps and batch size.
+    aggregator: reduces client messages.
+    weighting: ``'num_examples'`` (w_i = n_i) or ``'uniform'`` (w_i = 1).
+    init_client_state: ``params -> one client's persistent state`` (None: stateless).
+    init_extra: ``params -> dict`` of method server state.
+    broadcast / client_extra_args / client_final: hooks, see module docstring.
+    server_update: ``(state, aggregate, cohort_fraction) -> state``; None applies
+      ``server_tx`` to ``-aggregate['delta']``.
+  """
+  name: str
+  oracle: GradientOracle
+  client_tx: Any
+  server_tx: optax.GradientTransformation
+  schedule: client_lib.LocalSchedule
+  aggregator: Aggregator = dataclasses.field(default_factory=aggregate_lib.weighted_mean)
+  weighting: str = "num_examples"
+  init_client_state: Optional[Callable[[Params], PyTree]] = None
+  init_extra: Optional[Callable[[Params], dict]] = None
+  broadcast: Callable[[ServerState], dict] = default_broadcast
+  client_extra_args: Callable[[dict, PyTree], dict] = default_client_extra_args
+  client_final: Callable[..., tuple[dict, PyTree]] = default_client_final
+  server_update: Optional[Callable[[ServerState, dict, float], ServerState]] = None
+
+  def __post_init__(self):
+    if self.weighting not in ("num_examples", "uniform"):
+      raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
+
+  def init(self, params: Params, rng: PRNGKey, num_clients: int) -> ServerState:
+    """Server state for a population of ``num_clients`` clients."""
+    if self.init_client_state is None:
+      client_states = ()
+    else:
+      one = self.init_client_state(params)
+      client_states = jax.tree.map(
+          lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)).copy(), one)
+    return ServerState(
+        params=params,
+        opt_state=self.server_tx.init(params),
+        round=jnp.zeros((), jnp.int32),
+        rng=jnp.asarray(rng, jnp.uint32),
+        client_states=client_states,
+        extra=self.init_extra(params) if self.init_extra else {},
+        agg_state=self.aggregator.init())
+
+  def client_update(self, message_down: dict, one_client: tuple, max_examples: int):
+    """One client's round: ``(message_up, weight, outputs)`` for parallel.py."""
+    client_state, data, size, rng = one_client
+    extra_args = self.client_extra_args(message_down, client_state)
+    local = client_lib.local_train(
+        self.oracle, as_extra_args(self.client_tx), self.schedule, message_down["params"],
+        data, size, rng, extra_args, max_examples)
+    message_up, client_state = self.client_final(local, message_down, client_state)
+    if self.weighting == "num_examples":
+      weight = size.astype(jnp.float32)
+    else:
+      weight = (size > 0).astype(jnp.float32)
+    outputs = {"client_state": client_state, "loss": local.mean_loss,
+               "num_steps": local.num_steps, "weight": weight}
+    return message_up, weight, outputs
+
+  def finish_round(self, state: ServerState, aggregate: dict, cohort_fraction: float
+                   ) -> ServerState:
+    if self.server_update is None:
+      return apply_server_tx(self.server_tx, state, aggregate["delta"])
+    return self.server_update(state, aggregate, cohort_fraction)
+
+
+def _gather_rows(tree: PyTree, ids: jax.Array) -> PyTree:
+  # Padding ids (== num_clients) read zeros.
+  return jax.tree.map(lambda x: jnp.take(x, ids, axis=0, mode="fill", fill_value=0), tree)
+
+
+def _scatter_rows(tree: PyTree, ids: jax.Array, rows: PyTree) -> PyTree:
+  # Padding ids fall outside the table and are dropped.
+  return jax.tree.map(lambda x, r: x.at[ids].set(r, mode="drop"), tree, rows)
+
+
+def sample_cohort(state: ServerState, num_clients: int, clients_per_round: int
+                  ) -> tuple[jax.Array, PRNGKey]:
+  """The cohort ids ``[C]`` of the round ``state.round`` and the key its clients derive from."""
+  sample_key, client_key = jax.random.split(jax.random.fold_in(state.rng, state.round))
+  return sampling.uniform(sample_key, num_clients, clients_per_round), client_key
+
+
+def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
+               backend: str = "vmap", mesh=None) -> Callable:
+  """Builds ``round_fn(state, arrays, offsets) -> (state, metrics)``, pure.
+
+  ``arrays, offsets = data.device_arrays()`` are passed as arguments (not closed
+  over) so a large dataset is not baked into the compiled program.
+  """
+  parallel.validate_backend(backend)
+  num_clients = data.num_clients
+  sampling.validate_cohort(num_clients, clients_per_round)
+  max_examples = int(data.max_client_size)
+  padded = parallel.padded_cohort_size(clients_per_round, backend, mesh)
+  cohort_fraction = clients_per_round / num_clients
+
+  def client_fn(message_down, one_client):
+    return algorithm.client_update(message_down, one_client, max_examples)
+
+  mapper = parallel.make_mapper(client_fn, algorithm.aggregator, backend, mesh)
+
+  def round_fn(state: ServerState, arrays, offsets):
+    ids, client_key = sample_cohort(state, num_clients, clients_per_round)
+    ids = jnp.concatenate([ids, jnp.full((padded - clients_per_round,), num_clients, jnp.int32)])
+    cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
+    client_states = _gather_rows(state.client_states, ids)
+    # Keys by client id, so a client's randomness does not depend on the backend.
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
+    message_down = algorithm.broadcast(state)
+    aggregate, outputs, agg_state = mapper(
+        message_down, (client_states, cohort, sizes, keys), state.agg_state)
+    state = algorithm.finish_round(state._replace(agg_state=agg_state), aggregate,
+                                   cohort_fraction)
+    state = state._replace(
+        round=state.round + 1,
+        client_states=_scatter_rows(state.client_states, ids, outputs["client_state"]))
+    weights = outputs["weight"]
+    total = jnp.maximum(jnp.sum(weights), 1e-12)
+    metrics = {"train_loss": jnp.sum(weights * outputs["loss"]) / total,
+               "local_steps": jnp.sum(outputs["num_steps"]),
+               "cohort_examples": jnp.sum(sizes)}
+    return state, metrics
+
+  return round_fn
+
+
+def make_multi_round(round_fn: Callable, backend: str) -> Callable:
+  """``run(state, arrays, offsets, num_rounds) -> (state, metrics [num_rounds])``.
+
+  For ``vmap``/``sharded`` the rounds run inside one jitted ``lax.scan``
+  (``num_rounds`` is static: one compilation per distinct length). The ``loop``
+  backend runs them from Python.
+  """
+  if backend == "loop":
+    def run_loop(state, arrays, offsets, num_rounds):
+      history = []
+      for _ in range(num_rounds):
+        state, metrics = round_fn(state, arrays, offsets)
+        history.append(metrics)
+      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+    return run_loop
+
+  def run(state, arrays, offsets, num_rounds):
+    return jax.lax.scan(lambda s, _: round_fn(s, arrays, offsets), state, None,
+                        length=num_rounds)
+
+  return jax.jit(run, static_argnums=3)

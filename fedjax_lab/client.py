@@ -1,0 +1,165 @@
+"""Local training: one ``lax.scan`` over local steps on padded, masked client data.
+
+Every client of a cohort holds ``max_examples`` rows of which the first ``size`` are
+real. The schedule turns (step, size) into the indices and mask of one batch, so
+clients of different sizes run in one vmapped call: a step whose batch holds no real
+example leaves params and optimizer state untouched, and padded rows inside a batch
+are masked out of the loss.
+"""
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.transforms import GradientOracle
+from fedjax_lab.types import Params, PRNGKey, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSchedule:
+  """How many local steps a client runs and on which examples.
+
+  Exactly one of ``epochs`` and ``steps`` is set.
+
+  Attributes:
+    batch_size: examples per step; None means the client's whole data (full batch).
+    epochs: passes over the client's data; a client with n examples runs
+      ``epochs * ceil(n / batch_size)`` real steps (the rest of the static scan is masked).
+    steps: a fixed number of steps for every non-empty client, cycling through one
+      shuffle of its data.
+    shuffle: reshuffle each epoch (epochs mode) or once per round (steps mode).
+  """
+  batch_size: Optional[int] = 32
+  epochs: Optional[int] = 1
+  steps: Optional[int] = None
+  shuffle: bool = True
+
+  def __post_init__(self):
+    if (self.epochs is None) == (self.steps is None):
+      raise ValueError(f"LocalSchedule needs exactly one of epochs and steps, got "
+                       f"epochs={self.epochs}, steps={self.steps}.")
+    for name in ("epochs", "steps", "batch_size"):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f"LocalSchedule.{name} must be positive, got {value}.")
+
+  def resolved_batch_size(self, max_examples: int) -> int:
+    return max_examples if self.batch_size is None else self.batch_size
+
+  def num_steps(self, max_examples: int) -> int:
+    """Static length of the local scan for clients padded to ``max_examples``."""
+    if self.steps is not None:
+      return self.steps
+    return self.epochs * math.ceil(max_examples / self.resolved_batch_size(max_examples))
+
+
+def _orders(rng: PRNGKey, size: jax.Array, max_examples: int, num_orders: int,
+            shuffle: bool) -> jax.Array:
+  """``[num_orders, max_examples]`` permutations with the real examples first.
+
+  Each slot draws its sort key from fold_in(key, slot), so the order of the real
+  examples does not depend on how far the client was padded.
+  """
+  slots = jnp.arange(max_examples)
+  if not shuffle:
+    return jnp.broadcast_to(slots, (num_orders, max_examples))
+
+  def one(order_index):
+    key = jax.random.fold_in(rng, order_index)
+    keys = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(key, s)))(slots)
+    return jnp.argsort(jnp.where(slots < size, keys, 2.0 + slots))
+
+  return jax.vmap(one)(jnp.arange(num_orders))
+
+
+def batch_plan(schedule: LocalSchedule, size: jax.Array, max_examples: int,
+               rng: PRNGKey) -> tuple[jax.Array, jax.Array]:
+  """Indices and mask of every local step.
+
+  Args:
+    schedule: the local schedule.
+    size: int scalar, the client's real example count (0 for a padding client).
+    max_examples: static padded length.
+    rng: the client's shuffle key.
+
+  Returns:
+    (indices int32 [num_steps, B], mask bool [num_steps, B]).
+  """
+  batch = schedule.resolved_batch_size(max_examples)
+  num_steps = schedule.num_steps(max_examples)
+  if schedule.steps is not None:
+    order = _orders(rng, size, max_examples, 1, schedule.shuffle)[0]
+    positions = jnp.arange(num_steps * batch).reshape(num_steps, batch)
+    indices = order[positions % jnp.maximum(size, 1)]
+    mask = jnp.broadcast_to(size > 0, indices.shape)
+    return indices, mask
+  steps_per_epoch = num_steps // schedule.epochs
+  orders = _orders(rng, size, max_examples, schedule.epochs, schedule.shuffle)
+  within = jnp.arange(steps_per_epoch * batch).reshape(steps_per_epoch, batch)
+  mask = jnp.tile(within < size, (schedule.epochs, 1))
+  indices = orders[:, jnp.minimum(within, max_examples - 1)]   # [epochs, steps_per_epoch, B]
+  return indices.reshape(num_steps, batch), mask
+
+
+class LocalResult(NamedTuple):
+  """What local training hands to the method's ``client_final``."""
+  params: Params          # params after the last local step
+  opt_state: PyTree       # client optimizer state after the last step
+  oracle_state: PyTree
+  num_steps: jax.Array    # int32, steps that saw at least one real example
+  mean_loss: jax.Array    # mean batch loss over those steps
+
+
+def _select(flag, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationExtraArgs,
+                schedule: LocalSchedule, params: Params, data: dict[str, jax.Array],
+                size: jax.Array, rng: PRNGKey, extra_args: dict[str, Any],
+                max_examples: int) -> LocalResult:
+  """Runs the local steps of one client as a single ``lax.scan``.
+
+  Args:
+    oracle: gradient oracle.
+    client_tx: optax transform applied to each step's gradients; receives
+      ``extra_args`` as keyword arguments.
+    schedule: local schedule.
+    params: starting params (the broadcast model).
+    data: the client's arrays, each ``[max_examples, ...]``.
+    size: number of real rows.
+    rng: the client's key for this round.
+    extra_args: keyword arguments for ``client_tx.update``.
+    max_examples: static padded length.
+  """
+  shuffle_key, step_key = jax.random.split(rng)
+  indices, mask = batch_plan(schedule, size, max_examples, shuffle_key)
+  opt_state = client_tx.init(params)
+  oracle_state = oracle.init(params)
+
+  def step(carry, plan):
+    params, opt_state, oracle_state, num_steps, loss_sum = carry
+    k, step_indices, step_mask = plan
+    batch = {name: jnp.take(array, step_indices, axis=0) for name, array in data.items()}
+    batch["mask"] = step_mask
+    grads, aux, new_oracle_state = oracle.update(
+        params, batch, jax.random.fold_in(step_key, k), oracle_state)
+    updates, new_opt_state = client_tx.update(grads, opt_state, params, **extra_args)
+    new_params = optax.apply_updates(params, updates)
+    active = jnp.any(step_mask)
+    carry = (_select(active, new_params, params),
+             _select(active, new_opt_state, opt_state),
+             _select(active, new_oracle_state, oracle_state),
+             num_steps + active.astype(jnp.int32),
+             loss_sum + jnp.where(active, aux["loss"], 0.0))
+    return carry, None
+
+  init = (params, opt_state, oracle_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+  steps = jnp.arange(indices.shape[0])
+  (params, opt_state, oracle_state, num_steps, loss_sum), _ = jax.lax.scan(
+      step, init, (steps, indices, mask))
+  mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(loss_sum.dtype)
+  return LocalResult(params, opt_state, oracle_state, num_steps, mean_loss)

@@ -1,0 +1,77 @@
+"""Models: the core only needs ``init(rng, sample_x) -> params`` and ``apply(params, x) -> logits``.
+
+Any flax (linen or nnx), haiku or plain-jax model fits through ``Model``.
+"""
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.types import Params
+
+
+class Model(NamedTuple):
+  init: Callable[[jax.Array, jax.Array], Params]
+  apply: Callable[[Params, jax.Array], jax.Array]
+
+
+def from_linen(module: nn.Module) -> Model:
+  """Wraps a linen module; params are its full variables dict."""
+  return Model(init=lambda rng, x: module.init(rng, x), apply=module.apply)
+
+
+class MLP(nn.Module):
+  """Flattens the input, then dense layers with ReLU."""
+  hidden: Sequence[int] = (200,)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """Conv(3x3)-ReLU-MaxPool blocks, then a dense head (the FedAvg paper's CNN shape)."""
+  features: Sequence[int] = (32, 64)
+  dense: int = 128
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    for width in self.features:
+      x = nn.relu(nn.Conv(width, (3, 3), padding="SAME")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def mlp(hidden: Sequence[int] = (200,), num_classes: int = 10) -> Model:
+  return from_linen(MLP(tuple(hidden), num_classes))
+
+
+def cnn(features: Sequence[int] = (32, 64), dense: int = 128, num_classes: int = 10) -> Model:
+  return from_linen(CNN(tuple(features), dense, num_classes))
+
+
+MODELS = {"mlp": mlp, "cnn": cnn}
+
+
+def get(name: str, **kwargs) -> Model:
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+  return MODELS[name](**kwargs)
+
+
+def classification_loss(model: Model):
+  """Per-example softmax cross-entropy ``(params, batch, rng) -> [B]`` for the oracles."""
+  def example_loss(params, batch, rng):
+    del rng
+    logits = model.apply(params, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  return example_loss

@@ -1,0 +1,126 @@
+"""The rounds loop: eval cadence, JSONL metrics, checkpoints, resume, progress bar.
+
+Rounds run in jitted chunks of up to ``rounds_per_call`` (a ``lax.scan``); the host
+only looks at the state between chunks, to log, evaluate, checkpoint and stop on a
+non-finite loss.
+"""
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+import tqdm
+
+from fedjax_lab import algorithm as algorithm_lib
+from fedjax_lab import checkpoint as checkpoint_lib
+from fedjax_lab import metrics as metrics_lib
+from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
+from fedjax_lab.data.federated import FederatedData
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN/inf; the last good state was kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+  rounds: int
+  clients_per_round: int
+  backend: str = "vmap"
+  seed: int = 0
+  eval_every: int = 10
+  checkpoint_every: int = 0         # 0: only at the end (when a workdir is given)
+  rounds_per_call: int = 1
+  workdir: Optional[str] = None
+  progress: bool = True
+
+
+def _next_stop(current: int, opts: TrainOptions) -> int:
+  stops = [opts.rounds, current + max(opts.rounds_per_call, 1)]
+  for every in (opts.eval_every, opts.checkpoint_every):
+    if every and every > 0:
+      stops.append((current // every + 1) * every)
+  return min(stops)
+
+
+def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
+          evaluate: Optional[Callable] = None, test_arrays=None,
+          opts: TrainOptions = None) -> tuple[ServerState, list[dict]]:
+  """Runs ``opts.rounds`` rounds (resuming from ``opts.workdir`` if it has a checkpoint).
+
+  Args:
+    algorithm: the method.
+    init_params: initial global params.
+    data: the training population.
+    evaluate: ``(params, test_arrays) -> {'accuracy', 'loss'}``, called every
+      ``eval_every`` rounds and at the end.
+    test_arrays: evaluation data for ``evaluate``.
+    opts: run options.
+
+  Returns:
+    (final state, list of per-round metric records).
+
+  Raises:
+    NonFiniteLossError: naming the first bad round; the last good state is saved.
+    checkpoint.CheckpointError: the workdir holds a checkpoint that cannot be read.
+  """
+  if opts.rounds < 0:
+    raise ValueError(f"rounds must be >= 0, got {opts.rounds}.")
+  round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend)
+  run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend)
+  arrays, offsets = data.device_arrays()
+  state = algorithm.init(init_params, jax.random.PRNGKey(opts.seed), data.num_clients)
+
+  checkpointer, writer, resumed_from = None, None, None
+  if opts.workdir:
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(opts.workdir, "checkpoints"))
+    resumed_from = checkpointer.latest_round()
+    if resumed_from is not None:
+      state = checkpointer.restore(state)
+    writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed_from)
+
+  history: list[dict] = []
+  current = int(state.round)
+  bar = tqdm.tqdm(total=opts.rounds, initial=min(current, opts.rounds), disable=not opts.progress,
+                  desc=algorithm.name, unit="round", dynamic_ncols=True)
+  try:
+    while current < opts.rounds:
+      stop = _next_stop(current, opts)
+      new_state, chunk = run_rounds(state, arrays, offsets, stop - current)
+      chunk = {k: np.asarray(v) for k, v in chunk.items()}
+      bad = np.flatnonzero(~np.isfinite(chunk["train_loss"]))
+      if bad.size:
+        first_bad = current + int(bad[0]) + 1
+        where = ""
+        if checkpointer:
+          checkpointer.save(current, state)
+          where = f" It is saved in {checkpointer.directory} (round {current})."
+        raise NonFiniteLossError(
+            f"Training loss became non-finite at round {first_bad}; the last good state is "
+            f"round {current}.{where} Lower the learning rates or check the data.")
+      state = new_state
+      records = [{"round": current + i + 1, **{k: v[i].item() for k, v in chunk.items()}}
+                 for i in range(stop - current)]
+      current = stop
+      if evaluate is not None and (current == opts.rounds or
+                                   (opts.eval_every and current % opts.eval_every == 0)):
+        result = metrics_lib.to_python(evaluate(state.params, test_arrays))
+        records[-1].update({f"test_{k}": v for k, v in result.items()})
+        bar.set_postfix(loss=f"{records[-1]['train_loss']:.4f}",
+                        acc=f"{result['accuracy']:.4f}")
+      if writer:
+        for record in records:
+          writer.write(record)
+      history.extend(records)
+      if checkpointer and (current == opts.rounds or
+                           (opts.checkpoint_every and current % opts.checkpoint_every == 0)):
+        checkpointer.save(current, state)
+      bar.update(len(records))
+  finally:
+    bar.close()
+    if checkpointer:
+      checkpointer.close()
+  return state, history

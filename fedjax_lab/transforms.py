@@ -1,0 +1,103 @@
+"""The optax-style interfaces of a federated algorithm and the transforms FL adds.
+
+A federated algorithm composes four pieces:
+
+* ``GradientOracle``: ``(params, batch, rng, state) -> (grads, aux, state)``; the
+  first-order oracle differentiates a loss, others attack the inputs (PGD) or only
+  query function values (zeroth order).
+* client transform: an ``optax.GradientTransformationExtraArgs`` applied to the
+  oracle's gradients at every local step. The round passes extra keyword arguments
+  (``global_params`` always, plus whatever a method broadcasts, e.g. SCAFFOLD's
+  ``control``); optax's ``chain`` forwards them to the transforms that take them.
+* ``Aggregator``: stacked client messages ``[C, ...]`` and weights ``[C]`` -> one
+  message. It receives ``axis_name`` when the clients are sharded over devices, and
+  must then reduce across that axis itself (``psum`` / ``all_gather``).
+* server transform: any optax transform, applied to the pseudo-gradient
+  ``-aggregated_delta``; ``optax.sgd(1.0)`` is FedAvg's server.
+
+Where optax has a transform, use optax; this module only holds what FL adds.
+"""
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lab.types import Batch, Params, PRNGKey, PyTree
+
+
+class GradientOracle(NamedTuple):
+  """Produces a gradient estimate at ``params`` from one batch.
+
+  init: ``params -> state`` (per local run; ``()`` for stateless oracles).
+  update: ``(params, batch, rng, state) -> (grads, aux, state)`` with ``aux`` a dict
+    of scalars that contains at least ``'loss'``.
+  """
+  init: Callable[[Params], PyTree]
+  update: Callable[[Params, Batch, PRNGKey, PyTree], tuple[Params, dict, PyTree]]
+
+
+class Aggregator(NamedTuple):
+  """Reduces stacked client messages to one.
+
+  init: ``() -> state``.
+  update: ``(messages [C, ...], weights [C], state, axis_name) -> (aggregate, state)``.
+    ``axis_name`` is None on one device; otherwise the clients axis is sharded over
+    devices and the reduction must include a collective over it.
+  """
+  init: Callable[[], PyTree]
+  update: Callable[[PyTree, jax.Array, PyTree, Optional[str]], tuple[PyTree, PyTree]]
+
+
+class ProximalState(NamedTuple):
+  """Empty: the proximal term's strength is a static hyper-parameter."""
+
+
+def proximal(mu: float) -> optax.GradientTransformationExtraArgs:
+  """FedProx's proximal term as a gradient transform (Li et al. 2020, eq. 2).
+
+  The local objective ``F_k(w) + mu/2 ||w - w_t||^2`` has gradient
+  ``g + mu (w - w_t)``; chain this before ``optax.sgd``.
+
+  Args:
+    mu: proximal strength; 0 gives FedAvg.
+
+  Returns:
+    A transform whose ``update(grads, state, params, *, global_params)`` adds
+    ``mu * (params - global_params)`` to ``grads``.
+  """
+  def init_fn(params):
+    del params
+    return ProximalState()
+
+  def update_fn(updates, state, params=None, *, global_params=None, **extra):
+    del extra
+    if params is None or global_params is None:
+      raise ValueError("proximal() needs params and the global_params extra argument.")
+    updates = jax.tree.map(lambda g, w, w0: g + mu * (w - w0), updates, params, global_params)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def add_control_variate() -> optax.GradientTransformationExtraArgs:
+  """SCAFFOLD's corrected local gradient ``g - c_i + c`` (Karimireddy et al. 2020, eq. 3).
+
+  The round passes ``control = c - c_i`` as an extra argument.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, control=None, **extra):
+    del params, extra
+    if control is None:
+      raise ValueError("add_control_variate() needs the `control` extra argument.")
+    return jax.tree.map(jnp.add, updates, control), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def as_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
+  """Lets plain optax transforms ignore the round's extra keyword arguments."""
+  return optax.with_extra_args_support(tx)
