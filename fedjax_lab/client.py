@@ -22,7 +22,7 @@ from fedjax_lab.types import Params, PRNGKey, PyTree
 class LocalSchedule:
   """How many local steps a client runs and on which examples.
 
-  Exactly one of ``epochs`` and ``steps`` is set.
+  At most one of ``epochs`` and ``steps`` is set; neither means one epoch.
 
   Attributes:
     batch_size: examples per step; None means the client's whole data (full batch).
@@ -33,12 +33,14 @@ class LocalSchedule:
     shuffle: reshuffle each epoch (epochs mode) or once per round (steps mode).
   """
   batch_size: Optional[int] = 32
-  epochs: Optional[int] = 1
+  epochs: Optional[int] = None
   steps: Optional[int] = None
   shuffle: bool = True
 
   def __post_init__(self):
-    if (self.epochs is None) == (self.steps is None):
+    if self.epochs is None and self.steps is None:
+      object.__setattr__(self, "epochs", 1)
+    if self.epochs is not None and self.steps is not None:
       raise ValueError(f"LocalSchedule needs exactly one of epochs and steps, got "
                        f"epochs={self.epochs}, steps={self.steps}.")
     for name in ("epochs", "steps", "batch_size"):

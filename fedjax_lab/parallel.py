@@ -89,9 +89,6 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
   mesh = mesh or client_mesh()
 
   def per_device(shared, per_client, agg_state):
-    # Replicated inputs must be marked varying: otherwise jax.grad w.r.t. params
-    # inside shard_map is summed over devices (wrong local training).
-    shared = jax.lax.pcast(shared, CLIENTS_AXIS, to="varying")
     messages, weights, outputs = jax.vmap(client_fn, in_axes=(None, 0))(shared, per_client)
     aggregate, agg_state = aggregator.update(messages, weights, agg_state, CLIENTS_AXIS)
     return aggregate, outputs, agg_state
@@ -100,7 +97,11 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
       per_device, mesh=mesh,
       in_specs=(P(), P(CLIENTS_AXIS), P()),
       out_specs=(P(), P(CLIENTS_AXIS), P()),
-      check_vma=True)
+      # Without vma checking, jax.grad w.r.t. the replicated params is per device (with
+      # it, it would be summed over devices unless every input were pcast to varying),
+      # and any optax transform that starts a counter from a constant composes as is.
+      # The aggregator's psum is what makes the outputs replicated.
+      check_vma=False)
 
   def mapper(shared, per_client, agg_state):
     count = jax.tree.leaves(per_client)[0].shape[0]

@@ -1,0 +1,60 @@
+"""Independent numpy references and tiny problems shared by the tests."""
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.data.federated import FederatedData
+
+
+def linear_problem(sizes, dim=3, seed=0):
+  """Linear regression clients: returns (FederatedData, init params dict of numpy)."""
+  rng = np.random.default_rng(seed)
+  n = sum(sizes)
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  y = (x @ rng.normal(size=dim) + 0.3 * rng.normal(size=n)).astype(np.float32)
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  data = FederatedData({"x": x, "y": y}, offsets)
+  params = {"w": rng.normal(size=dim).astype(np.float32), "b": np.float32(0.5)}
+  return data, params
+
+
+def linear_example_loss(params, batch, rng):
+  """0.5 (x.w + b - y)^2 per example."""
+  del rng
+  residual = batch["x"] @ params["w"] + params["b"] - batch["y"]
+  return 0.5 * residual ** 2
+
+
+def linear_grad(params, x, y):
+  """Mean-loss gradient of linear_example_loss over the rows of x, in numpy (float64)."""
+  residual = x @ params["w"] + params["b"] - y
+  return {"w": x.T @ residual / len(y), "b": np.mean(residual)}
+
+
+def to_numpy(tree):
+  return {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+
+def local_sgd(params, x, y, lr, batch_size, epochs, mu=0.0, correction=None):
+  """Unshuffled mini-batch SGD (last batch partial), optional FedProx term and SCAFFOLD correction.
+
+  Returns (final params, number of steps).
+  """
+  start = to_numpy(params)
+  w = dict(start)
+  steps = 0
+  for _ in range(epochs):
+    for lo in range(0, len(y), batch_size):
+      g = linear_grad(w, x[lo:lo + batch_size], y[lo:lo + batch_size])
+      for k in w:
+        g[k] = g[k] + mu * (w[k] - start[k])
+        if correction is not None:
+          g[k] = g[k] + correction[k]
+        w[k] = w[k] - lr * g[k]
+      steps += 1
+  return w, steps
+
+
+def tree_close(a, b, atol):
+  for k in a:
+    np.testing.assert_allclose(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64),
+                               atol=atol, rtol=0, err_msg=f"leaf {k}")
