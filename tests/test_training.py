@@ -1,0 +1,132 @@
+"""The rounds loop: resume equals an uninterrupted run, clear errors, launch script."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import algorithms
+from algorithms.fedopt import fedopt
+from algorithms.scaffold import scaffold
+from fedjax_lab import checkpoint, training
+from fedjax_lab.client import LocalSchedule
+from fedjax_lab.metrics import read_jsonl
+from launch import common
+from launch.configs import fedavg_digits
+from reference import linear_example_loss, linear_problem
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_run(method, workdir, rounds, **kwargs):
+  data, params = linear_problem((5, 3, 7, 2, 9, 4), seed=4)
+  opts = training.TrainOptions(rounds=rounds, clients_per_round=3, workdir=workdir,
+                               progress=False, **kwargs)
+  return training.train(method, jax.tree.map(jnp.asarray, params), data, opts=opts)
+
+
+@pytest.mark.parametrize("rounds_per_call", [1, 3])
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, rounds_per_call):
+  method = scaffold(linear_example_loss, 0.05, 1.0, LocalSchedule(batch_size=2, epochs=2))
+  straight, _ = small_run(method, str(tmp_path / "a"), 10, rounds_per_call=rounds_per_call)
+  small_run(method, str(tmp_path / "b"), 5, rounds_per_call=rounds_per_call)   # "killed" after 5
+  resumed, history = small_run(method, str(tmp_path / "b"), 10, rounds_per_call=rounds_per_call)
+  assert int(resumed.round) == 10 and [h["round"] for h in history] == list(range(6, 11))
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lines = read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
+  assert [line["round"] for line in lines] == list(range(1, 11))
+
+
+def test_resume_restores_server_optimizer_state(tmp_path):
+  method = fedopt(linear_example_loss, "adam", 0.05, 0.01, LocalSchedule(batch_size=2))
+  straight, _ = small_run(method, str(tmp_path / "a"), 6)
+  small_run(method, str(tmp_path / "b"), 2)
+  resumed, _ = small_run(method, str(tmp_path / "b"), 6)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_loss_stops_with_round_and_keeps_last_good_state(tmp_path):
+  # A huge learning rate makes linear regression diverge to inf/NaN within a few rounds.
+  method = algorithms.fedavg.fedavg(linear_example_loss, 50.0, 1.0, LocalSchedule(batch_size=2))
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(training.NonFiniteLossError, match=r"non-finite at round (\d+)") as info:
+    small_run(method, workdir, 100, checkpoint_every=1000)
+  bad_round = int(re.search(r"at round (\d+)", str(info.value)).group(1))
+  assert bad_round > 1
+  saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_round()
+  assert saved == bad_round - 1
+  lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert all(np.isfinite(line["train_loss"]) for line in lines)
+  assert lines[-1]["round"] == bad_round - 1
+
+
+def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
+  method = algorithms.fedavg.fedavg(linear_example_loss, 0.05)
+  workdir = str(tmp_path / "run")
+  small_run(method, workdir, 2)
+  step_dir = os.path.join(workdir, "checkpoints", "2")
+  corrupted = []
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+      corrupted.append(path)
+  with pytest.raises(checkpoint.CheckpointError, match="round 2 .* corrupt") as info:
+    small_run(method, workdir, 4)
+  assert os.path.join(workdir, "checkpoints") in str(info.value)
+  assert all(open(p, "rb").read() == b"not a checkpoint" for p in corrupted)
+
+
+def test_checkpoint_path_that_is_a_file_is_named(tmp_path):
+  path = tmp_path / "ckpt"
+  path.write_text("x")
+  with pytest.raises(checkpoint.CheckpointError, match="not a directory"):
+    checkpoint.Checkpointer(str(path))
+
+
+def test_bad_config_errors_name_the_problem():
+  config = fedavg_digits.get_config()
+  config.algorithm = "fedavgg"
+  with pytest.raises(ValueError, match="Unknown algorithm 'fedavgg'.*fedavg"):
+    common.build(config)
+  config = fedavg_digits.get_config()
+  config.clients_per_round = 101
+  config.rounds = 1
+  with pytest.raises(ValueError, match="clients_per_round=101 is larger than the population of num_clients=100"):
+    common.run(config, progress=False)
+  config = fedavg_digits.get_config()
+  config.num_clients = 0
+  with pytest.raises(ValueError, match="zero clients"):
+    common.build(config)
+
+
+def test_default_launch_reaches_90_percent_and_prints_json_last(tmp_path):
+  """The README's first command: FedAvg on digits, Dirichlet(0.5), 100 clients, 10 per round."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.train", f"--workdir={tmp_path}", "--progress=false"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["algorithm"] == "fedavg" and summary["rounds"] == 200
+  assert summary["test_accuracy"] >= 0.90, summary
+  assert summary["wall_s"] < 120
+  for key in ("test_loss", "wall_s"):
+    assert key in summary
+  assert len(read_jsonl(str(tmp_path / "metrics.jsonl"))) == 200
+
+
+def test_launch_reports_unknown_algorithm_without_traceback():
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config.algorithm=nope", "--progress=false"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert "Unknown algorithm 'nope'" in result.stderr and "Traceback" not in result.stderr
