@@ -90,6 +90,10 @@ class FederatedAlgorithm:
     init_client_state: ``params -> one client's persistent state`` (None: stateless).
     init_extra: ``params -> dict`` of method server state.
     broadcast / client_extra_args / client_final: hooks, see module docstring.
+    init_oracle_state: ``(message_down, client_state) -> oracle state`` (None:
+      ``oracle.init(params)``), for oracles with a per-client history.
+    step_limit: ``message_down -> int scalar``, local steps allowed this round
+      (None: all of the schedule's); later steps are masked, shapes stay static.
     server_update: ``(state, aggregate, cohort_fraction) -> state``; None applies
       ``server_tx`` to ``-aggregate['delta']``.
   """
@@ -106,6 +110,8 @@ class FederatedAlgorithm:
   client_extra_args: Callable[[dict, PyTree], dict] = default_client_extra_args
   client_final: Callable[..., tuple[dict, PyTree]] = default_client_final
   server_update: Optional[Callable[[ServerState, dict, float], ServerState]] = None
+  init_oracle_state: Optional[Callable[[dict, PyTree], PyTree]] = None
+  step_limit: Optional[Callable[[dict], jax.Array]] = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
@@ -132,16 +138,20 @@ class FederatedAlgorithm:
     """One client's round: ``(message_up, weight, outputs)`` for parallel.py."""
     client_state, data, size, rng = one_client
     extra_args = self.client_extra_args(message_down, client_state)
+    oracle_state = (None if self.init_oracle_state is None
+                    else self.init_oracle_state(message_down, client_state))
+    step_limit = None if self.step_limit is None else self.step_limit(message_down)
     local = client_lib.local_train(
         self.oracle, as_extra_args(self.client_tx), self.schedule, message_down["params"],
-        data, size, rng, extra_args, max_examples)
+        data, size, rng, extra_args, max_examples, oracle_state, step_limit)
     message_up, client_state = self.client_final(local, message_down, client_state)
     if self.weighting == "num_examples":
       weight = size.astype(jnp.float32)
     else:
       weight = (size > 0).astype(jnp.float32)
     outputs = {"client_state": client_state, "loss": local.mean_loss,
-               "num_steps": local.num_steps, "weight": weight}
+               "num_steps": local.num_steps, "weight": weight,
+               "aux_totals": {k: v for k, v in local.aux_totals.items() if k != "loss"}}
     return message_up, weight, outputs
 
   def finish_round(self, state: ServerState, aggregate: dict, cohort_fraction: float
@@ -207,6 +217,8 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
     metrics = {"train_loss": jnp.sum(weights * outputs["loss"]) / total,
                "local_steps": jnp.sum(outputs["num_steps"]),
                "cohort_examples": jnp.sum(sizes)}
+    # Oracle counters (e.g. function queries), summed over the cohort's local steps.
+    metrics.update({f"client_{k}": jnp.sum(v) for k, v in outputs["aux_totals"].items()})
     return state, metrics
 
   return round_fn

@@ -113,6 +113,7 @@ class LocalResult(NamedTuple):
   oracle_state: PyTree
   num_steps: jax.Array    # int32, steps that saw at least one real example
   mean_loss: jax.Array    # mean batch loss over those steps
+  aux_totals: dict        # each oracle aux scalar summed over those steps
 
 
 def _select(flag, new, old):
@@ -122,7 +123,8 @@ def _select(flag, new, old):
 def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationExtraArgs,
                 schedule: LocalSchedule, params: Params, data: dict[str, jax.Array],
                 size: jax.Array, rng: PRNGKey, extra_args: dict[str, Any],
-                max_examples: int) -> LocalResult:
+                max_examples: int, oracle_state: PyTree = None,
+                step_limit: Optional[jax.Array] = None) -> LocalResult:
   """Runs the local steps of one client as a single ``lax.scan``.
 
   Args:
@@ -136,19 +138,31 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
     rng: the client's key for this round.
     extra_args: keyword arguments for ``client_tx.update``.
     max_examples: static padded length.
+    oracle_state: the oracle's starting state (None: ``oracle.init(params)``), e.g.
+      a query history kept in the client's persistent state.
+    step_limit: optional int scalar; steps ``k >= step_limit`` are masked, so a
+      per-round number of local steps (e.g. decaying) keeps static shapes.
   """
   shuffle_key, step_key = jax.random.split(rng)
   indices, mask = batch_plan(schedule, size, max_examples, shuffle_key)
   opt_state = client_tx.init(params)
-  oracle_state = oracle.init(params)
+  if oracle_state is None:
+    oracle_state = oracle.init(params)
+  if step_limit is not None:
+    mask = mask & (jnp.arange(mask.shape[0]) < step_limit)[:, None]
+  def gather_batch(step_indices, step_mask):
+    batch = {name: jnp.take(array, step_indices, axis=0) for name, array in data.items()}
+    return {**batch, "mask": step_mask}
+
+  aux_template = jax.eval_shape(
+      lambda: oracle.update(params, gather_batch(indices[0], mask[0]), step_key, oracle_state)[1])
+  aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_template)
 
   def step(carry, plan):
-    params, opt_state, oracle_state, num_steps, loss_sum = carry
+    params, opt_state, oracle_state, num_steps, aux_sum = carry
     k, step_indices, step_mask = plan
-    batch = {name: jnp.take(array, step_indices, axis=0) for name, array in data.items()}
-    batch["mask"] = step_mask
     grads, aux, new_oracle_state = oracle.update(
-        params, batch, jax.random.fold_in(step_key, k), oracle_state)
+        params, gather_batch(step_indices, step_mask), jax.random.fold_in(step_key, k), oracle_state)
     updates, new_opt_state = client_tx.update(grads, opt_state, params, **extra_args)
     new_params = optax.apply_updates(params, updates)
     active = jnp.any(step_mask)
@@ -156,12 +170,12 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
              _select(active, new_opt_state, opt_state),
              _select(active, new_oracle_state, oracle_state),
              num_steps + active.astype(jnp.int32),
-             loss_sum + jnp.where(active, aux["loss"], 0.0))
+             jax.tree.map(lambda t, a: t + jnp.where(active, a, 0), aux_sum, aux))
     return carry, None
 
-  init = (params, opt_state, oracle_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+  init = (params, opt_state, oracle_state, jnp.zeros((), jnp.int32), aux_zeros)
   steps = jnp.arange(indices.shape[0])
-  (params, opt_state, oracle_state, num_steps, loss_sum), _ = jax.lax.scan(
+  (params, opt_state, oracle_state, num_steps, aux_sum), _ = jax.lax.scan(
       step, init, (steps, indices, mask))
-  mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(loss_sum.dtype)
-  return LocalResult(params, opt_state, oracle_state, num_steps, mean_loss)
+  mean_loss = aux_sum["loss"] / jnp.maximum(num_steps, 1).astype(aux_sum["loss"].dtype)
+  return LocalResult(params, opt_state, oracle_state, num_steps, mean_loss, aux_sum)

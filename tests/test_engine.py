@@ -120,3 +120,24 @@ def test_unknown_backend_and_bad_cohorts_are_named():
     make_round(method, data, 0, "vmap")
   with pytest.raises(ValueError, match="exactly one of epochs and steps"):
     LocalSchedule(epochs=1, steps=2)
+
+
+def test_step_limit_masks_the_tail_of_the_scan_and_aux_totals_count_steps():
+  rng = np.random.default_rng(5)
+  x, y = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32), jnp.asarray(rng.normal(size=12), jnp.float32)
+  base = oracles.first_order(linear_example_loss)
+
+  def counting_update(params, batch, rng, state):
+    grads, aux, state = base.update(params, batch, rng, state)
+    return grads, {**aux, "queries": jnp.float32(2.0)}, state
+
+  counting = base._replace(update=counting_update)
+  params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+  run = lambda schedule, limit: client_lib.local_train(
+      counting, optax.sgd(0.1), schedule, params, {"x": x, "y": y}, jnp.int32(12),
+      jax.random.PRNGKey(0), {}, 12, step_limit=limit)
+  limited = run(LocalSchedule(batch_size=4, steps=6, shuffle=False), jnp.int32(2))
+  short = run(LocalSchedule(batch_size=4, steps=2, shuffle=False), None)
+  assert int(limited.num_steps) == 2
+  tree_close(limited.params, short.params, atol=0)
+  assert float(limited.aux_totals["queries"]) == 4.0
