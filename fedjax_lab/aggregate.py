@@ -5,6 +5,7 @@ over devices and the partial sums are combined with ``psum``.
 """
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +14,8 @@ from fedjax_lab.transforms import Aggregator
 
 def weighted_sum(messages, weights: jax.Array, axis_name: Optional[str] = None):
   """``(sum_i w_i m_i, sum_i w_i)`` over the (possibly sharded) clients axis."""
+  chex.assert_rank(weights, 1)
+  chex.assert_tree_shape_prefix(messages, weights.shape)
   total = jax.tree.map(lambda m: jnp.tensordot(weights.astype(m.dtype), m, axes=1), messages)
   weight = jnp.sum(weights)
   if axis_name is not None:
