@@ -141,3 +141,14 @@ def test_step_limit_masks_the_tail_of_the_scan_and_aux_totals_count_steps():
   assert int(limited.num_steps) == 2
   tree_close(limited.params, short.params, atol=0)
   assert float(limited.aux_totals["queries"]) == 4.0
+
+
+def test_a_run_of_fixed_shape_rounds_compiles_once():
+  data, _ = linear_problem((5, 3, 7, 2), seed=6)
+  method = scaffold(linear_example_loss, 0.05, 1.0, LocalSchedule(batch_size=2))
+  run = make_multi_round(make_round(method, data, 2, "vmap"), "vmap")
+  state = method.init({"w": jnp.ones(3), "b": jnp.zeros(())}, jax.random.PRNGKey(0), 4)
+  arrays, offsets = data.device_arrays()
+  for _ in range(4):
+    state, _ = run(state, arrays, offsets, 3)
+  assert run._cache_size() == 1

@@ -1,0 +1,270 @@
+"""Side-by-side speed of fedjax_lab rounds, the hardware limit and naive simulators.
+
+    python -m launch.benchmark --quick            # < 3 minutes on 2 CPU cores
+    python -m launch.benchmark --out=docs/        # full run; writes docs/benchmarks.{json,png}
+
+Everything is timed in one process on the same workload, and reported as ratios:
+* ``ours_vmap`` / ``ours_vmap_rpc10`` / ``ours_sharded`` / ``ours_loop``: fedjax_lab rounds
+  (sampling, gather, masking, metrics included) with ``rounds_per_call`` 1 or 10;
+* ``limit``: a jitted centralized SGD scan doing the same gradient steps on batches of
+  cohort_size x batch_size examples (the same arithmetic without federated bookkeeping);
+* ``naive_per_batch``: Python loops over clients and batches, one jitted SGD step per
+  batch (how per-batch simulators work);
+* ``ours_loop`` is the other naive form: a Python loop over clients calling one jitted
+  whole-client training function.
+The last line printed is one JSON object with the ratios.
+"""
+import json
+import math
+import os
+import resource
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from algorithms.fedavg import fedavg
+from fedjax_lab import models
+from fedjax_lab.algorithm import make_multi_round, make_round
+from fedjax_lab.client import LocalSchedule
+from fedjax_lab.data import FederatedData, digits, dirichlet
+
+_QUICK = flags.DEFINE_bool("quick", False, "Small settings (under 3 minutes on 2 cores).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per system (median reported).")
+_OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the sweep plot.")
+_WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
+
+
+def _block(tree):
+  jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+  return tree
+
+
+def _time(fn, repeats):
+  """(first-call seconds, median seconds of ``repeats`` later calls)."""
+  start = time.perf_counter()
+  _block(fn())
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    _block(fn())
+    times.append(time.perf_counter() - start)
+  return first, statistics.median(times)
+
+
+def synthetic_population(num_clients, examples_per_client, shape, num_classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  n = num_clients * examples_per_client
+  x = rng.uniform(size=(n,) + shape).astype(np.float32)
+  y = rng.integers(0, num_classes, size=n).astype(np.int32)
+  ids = np.repeat(np.arange(num_clients), examples_per_client)
+  return FederatedData.from_client_ids({"x": x, "y": y}, ids, num_clients)
+
+
+def digits_population(num_clients, seed=0):
+  arrays = digits()
+  ids = dirichlet(arrays["y"], num_clients, 0.5, seed)
+  return FederatedData.from_client_ids(arrays, ids, num_clients)
+
+
+def equal_digits_population(num_clients, per_client, seed=0):
+  arrays = digits()
+  idx = np.random.default_rng(seed).permutation(len(arrays["y"]))[:num_clients * per_client]
+  ids = np.repeat(np.arange(num_clients), per_client)
+  return FederatedData.from_client_ids({k: v[idx] for k, v in arrays.items()}, ids, num_clients)
+
+
+class PfLCnn(models.nn.Module):
+  """pfl-research's CIFAR-10 CNN: conv32-conv64-pool-dense128 (no dropout)."""
+
+  @models.nn.compact
+  def __call__(self, x):
+    nn = models.nn
+    x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(128)(x))
+    return nn.Dense(10)(x)
+
+
+def workloads(quick):
+  """name -> (population builder, model, clients_per_round, batch_size, client_lr)."""
+  mlp = models.mlp((128,))
+  return {
+      "digits_mlp": (lambda: digits_population(100), mlp, 100, 32, 0.1),
+      "peers_digits_c10": (lambda: equal_digits_population(50, 30), mlp, 10, 10, 0.1),
+      "peers_digits_c50": (lambda: equal_digits_population(50, 30), mlp, 50, 10, 0.1),
+      "cnn28": (lambda: synthetic_population(340 if quick else 3400, 20 if quick else 100,
+                                             (28, 28, 1)),
+                models.cnn((32, 64), 128, 62), 50 if not quick else 20, 20, 0.05),
+      "cifar_pfl": (lambda: synthetic_population(100 if quick else 500, 100, (32, 32, 3)),
+                    models.from_linen(PfLCnn()), 10 if quick else 50, 10, 0.1),
+  }
+
+
+def measure(name, population, model, clients_per_round, batch_size, client_lr, repeats,
+            systems=("vmap", "vmap_rpc10", "sharded", "loop", "naive", "limit")):
+  data = population()
+  example_loss = models.classification_loss(model)
+  params = model.init(jax.random.PRNGKey(0), data.arrays["x"][:1])
+  schedule = LocalSchedule(batch_size=batch_size, epochs=1)
+  method = fedavg(example_loss, client_lr, 1.0, schedule)
+  arrays, offsets = data.device_arrays()
+  steps = schedule.num_steps(data.max_client_size)
+  row = {"workload": name, "clients_per_round": clients_per_round,
+         "num_clients": data.num_clients, "max_client_size": int(data.max_client_size),
+         "local_steps": steps, "examples_per_round": None}
+  results = {}
+
+  def ours(backend, rounds_per_call):
+    run = make_multi_round(make_round(method, data, clients_per_round, backend), backend)
+    state = [method.init(params, jax.random.PRNGKey(1), data.num_clients)]
+
+    def call():
+      state[0], metrics = run(state[0], arrays, offsets, rounds_per_call)
+      return state[0].params, metrics
+    first, steady = _time(call, repeats)
+    examples = float(np.mean(np.asarray(call()[1]["cohort_examples"])))
+    row["examples_per_round"] = examples
+    return first - steady, steady / rounds_per_call
+
+  if "vmap" in systems:
+    results["ours_vmap"] = ours("vmap", 1)
+  if "vmap_rpc10" in systems:
+    results["ours_vmap_rpc10"] = ours("vmap", 10)
+  if "sharded" in systems:
+    results["ours_sharded"] = ours("sharded", 1)
+  if "loop" in systems:
+    results["ours_loop"] = ours("loop", 1)
+
+  if "limit" in systems:
+    big_batch = clients_per_round * batch_size
+    grad = jax.grad(lambda p, x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, x), y)))
+
+    @jax.jit
+    def limit(p, key):
+      idx = jax.random.randint(key, (steps, big_batch), 0, data.num_examples)
+      def step(p, i):
+        g = grad(p, jnp.take(arrays["x"], i, axis=0), jnp.take(arrays["y"], i, axis=0))
+        return jax.tree.map(lambda a, b: a - client_lr * b, p, g), None
+      return jax.lax.scan(step, p, idx)[0]
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), repeats + 2))
+    first, steady = _time(lambda: limit(params, next(keys)), repeats)
+    results["limit"] = (first - steady, steady)
+
+  if "naive" in systems:
+    @jax.jit
+    def sgd_step(p, x, y):
+      g = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          model.apply(p, x), y)))(p)
+      return jax.tree.map(lambda a, b: a - client_lr * b, p, g)
+    host_clients = [data.client(i) for i in range(data.num_clients)]
+    rng = np.random.default_rng(0)
+
+    def naive_round():
+      cohort = rng.choice(data.num_clients, clients_per_round, replace=False)
+      total, deltas = 0.0, None
+      for i in cohort:
+        c = host_clients[i]
+        p = params
+        for lo in range(0, len(c["y"]), batch_size):
+          p = sgd_step(p, c["x"][lo:lo + batch_size], c["y"][lo:lo + batch_size])
+        n = len(c["y"])
+        d = jax.tree.map(lambda a, b: n * (a - b), p, params)
+        deltas = d if deltas is None else jax.tree.map(jnp.add, deltas, d)
+        total += n
+      return jax.tree.map(lambda a, d: a + d / total, params, deltas)
+    naive_round()   # compile every batch shape once
+    first, steady = _time(naive_round, max(3, repeats // 2))
+    results["naive_per_batch"] = (first - steady, steady)
+
+  for system, (compile_s, seconds) in results.items():
+    row[f"{system}_s_per_round"] = seconds
+    row[f"{system}_compile_s"] = max(compile_s, 0.0)
+  if "ours_vmap" in results and row["examples_per_round"]:
+    row["examples_per_s"] = row["examples_per_round"] / results["ours_vmap"][1]
+  ours_best = min(v[1] for k, v in results.items() if k.startswith("ours_vmap"))
+  if "limit" in results:
+    row["round_over_limit"] = ours_best / results["limit"][1]
+  if "naive_per_batch" in results:
+    row["naive_over_ours"] = results["naive_per_batch"][1] / ours_best
+  if "ours_loop" in results:
+    row["loop_over_vmap"] = results["ours_loop"][1] / ours_best
+  row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return row
+
+
+def cohort_sweep(quick, repeats):
+  """Seconds/round against cohort size with equal examples per round where possible."""
+  sizes = [10, 100, 1000] if quick else [10, 100, 1000, 10000]
+  rows = []
+  model = models.mlp((128,))
+  for cohort in sizes:
+    per_client = 10
+    population = lambda c=cohort: synthetic_population(c, per_client, (8, 8, 1), seed=c)
+    row = measure(f"sweep_{cohort}", population, model, cohort, 10, 0.1, repeats,
+                  systems=("vmap_rpc10", "limit"))
+    rows.append(row)
+  return rows
+
+
+def plot_sweep(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  cohorts = [r["clients_per_round"] for r in rows]
+  for key, label in (("ours_vmap_rpc10_s_per_round", "fedjax_lab (vmap, 10 rounds/call)"),
+                     ("limit_s_per_round", "centralized limit")):
+    ax.loglog(cohorts, [r[key] for r in rows], marker="o", label=label)
+  ax.set_xlabel("clients per round (10 examples each)")
+  ax.set_ylabel("seconds per round")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  quick = _QUICK.value
+  repeats = 3 if quick else _REPEATS.value
+  chosen = workloads(quick)
+  if _WORKLOADS.value:
+    unknown = set(_WORKLOADS.value) - set(chosen) - {"sweep"}
+    if unknown:
+      raise app.UsageError(f"Unknown workloads {sorted(unknown)}; choose from {sorted(chosen)} or sweep.")
+  rows = []
+  for name, spec in chosen.items():
+    if _WORKLOADS.value and name not in _WORKLOADS.value:
+      continue
+    row = measure(name, *spec, repeats)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  sweep = []
+  if not _WORKLOADS.value or "sweep" in _WORKLOADS.value:
+    sweep = cohort_sweep(quick, repeats)
+    for row in sweep:
+      print(json.dumps(row), flush=True)
+  if _OUT.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "benchmarks.json"), "w") as f:
+      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep}, f, indent=1)
+    if sweep:
+      plot_sweep(sweep, os.path.join(_OUT.value, "benchmark_cohort_sweep.png"))
+  summary = {"devices": jax.device_count(), "quick": quick}
+  for row in rows + sweep:
+    for key in ("round_over_limit", "loop_over_vmap", "naive_over_ours"):
+      if key in row:
+        summary[f"{row['workload']}.{key}"] = round(row[key], 3)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
