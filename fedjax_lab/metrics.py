@@ -2,13 +2,14 @@
 import json
 import math
 import os
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab import attacks as attacks_lib
 from fedjax_lab.models import Model
 
 
@@ -38,6 +39,85 @@ def make_evaluator(model: Model, batch_size: int = 1024):
 
     losses, corrects = jax.lax.map(chunk, (xs, ys, ms))
     return {"accuracy": jnp.sum(corrects) / n, "loss": jnp.sum(losses) / n}
+
+  return evaluate
+
+
+def robust_attacks(eps: float, norm: str = "linf", pgd_steps: int = 20,
+                   pgd_step_size: Optional[float] = None, rand_init: bool = True,
+                   fgsm: bool = True, clip_min: Optional[float] = 0.0,
+                   clip_max: Optional[float] = 1.0) -> dict:
+  """The standard white-box evaluation: ``{'fgsm': FGSM, 'pgd<k>': PGD-k}`` at radius ``eps``.
+
+  ``pgd_step_size`` defaults to ``eps / 8``: PGD-20 then travels 2.5 eps in total,
+  enough to cross the ball from a random start. FGSM is one step of size eps.
+  """
+  if pgd_steps < 1:
+    raise ValueError(f"pgd_steps must be >= 1 for robust evaluation, got {pgd_steps}.")
+  step = eps / 8 if pgd_step_size is None else pgd_step_size
+  result = {}
+  if fgsm:
+    result["fgsm"] = attacks_lib.fgsm(eps, norm, clip_min, clip_max)
+  result[f"pgd{pgd_steps}"] = attacks_lib.PGD(eps, step, pgd_steps, norm, rand_init,
+                                               clip_min, clip_max)
+  return result
+
+
+def make_robust_evaluator(model: Model, attacks: Mapping[str, Callable],
+                          robust: Optional[str] = None, batch_size: int = 1024,
+                          seed: int = 0):
+  """Returns ``evaluate(params, arrays, rng=None)``: clean and attacked accuracy of a model.
+
+  For each ``name, attack`` in ``attacks`` (e.g. ``robust_attacks(0.2)``) the test
+  inputs are attacked white-box against the model's softmax cross-entropy, and
+  the result holds ``'<name>_accuracy'``; ``'robust_accuracy'`` is the accuracy
+  under ``attacks[robust]`` (default: the last attack, the strongest by convention).
+  ``'accuracy'`` and ``'loss'`` are the clean ones, as ``make_evaluator`` reports.
+
+  Examples are processed in chunks of ``batch_size`` (padded, masked); chunk c uses
+  the key ``fold_in(rng, c)`` for the attacks' random starts, and ``rng`` defaults to
+  ``PRNGKey(seed)``, so repeated evaluations of the same params agree.
+  """
+  if not attacks:
+    raise ValueError("make_robust_evaluator needs at least one attack.")
+  names = list(attacks)
+  robust = names[-1] if robust is None else robust
+  if robust not in attacks:
+    raise ValueError(f"robust={robust!r} is not one of the attacks: {', '.join(names)}.")
+
+  @jax.jit
+  def evaluate_with_key(params, arrays, rng):
+    x, y = arrays["x"], arrays["y"]
+    n = x.shape[0]
+    chunks = math.ceil(n / batch_size)
+    pad = chunks * batch_size - n
+    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((chunks, batch_size) + x.shape[1:])
+    ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
+    ms = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
+
+    def chunk(args):
+      xb, yb, mb, index = args
+      example_loss = lambda inputs: optax.softmax_cross_entropy_with_integer_labels(
+          model.apply(params, inputs), yb)
+      logits = model.apply(params, xb)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+      counts = {"accuracy": jnp.sum((jnp.argmax(logits, -1) == yb) & mb)}
+      key = jax.random.fold_in(rng, index)
+      for i, name in enumerate(names):
+        x_adv = attacks[name](example_loss, xb, jax.random.fold_in(key, i))
+        predicted = jnp.argmax(model.apply(params, x_adv), -1)
+        counts[f"{name}_accuracy"] = jnp.sum((predicted == yb) & mb)
+      return jnp.sum(jnp.where(mb, loss, 0.0)), counts
+
+    losses, counts = jax.lax.map(chunk, (xs, ys, ms, jnp.arange(chunks)))
+    result = {k: jnp.sum(v) / n for k, v in counts.items()}
+    result["loss"] = jnp.sum(losses) / n
+    result["robust_accuracy"] = result[f"{robust}_accuracy"]
+    return result
+
+  def evaluate(params, arrays, rng=None):
+    rng = jax.random.PRNGKey(seed) if rng is None else rng
+    return evaluate_with_key(params, arrays, rng)
 
   return evaluate
 

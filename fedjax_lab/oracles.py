@@ -9,6 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.attacks import PGD, fgsm, pgd  # noqa: F401  (re-exported: oracles.pgd(...))
 from fedjax_lab.transforms import GradientOracle
 from fedjax_lab.types import Batch, Params, PRNGKey
 
@@ -34,6 +35,57 @@ def first_order(example_loss: ExampleLossFn) -> GradientOracle:
 
   def update(params, batch, rng, state):
     value, grads = jax.value_and_grad(loss)(params, batch, rng)
+    return grads, {"loss": value}, state
+
+  return GradientOracle(init=lambda params: (), update=update)
+
+
+def adversarial(example_loss: ExampleLossFn, attack: Callable, mix_ratio: float = 1.0,
+                input_key: str = "x") -> GradientOracle:
+  """Gradient of the adversarial (min-max) training loss, PGD-AT style.
+
+  At every local step the oracle attacks the current params, then differentiates
+
+      L(w) = (1 - r) * mean_i l(w; x_i, y_i) + r * mean_i l(w; x'_i, y_i),
+      x'_i = attack(x -> l(w; x, y_i), x_i)  (held constant: stop_gradient),
+
+  the mix of Goodfellow et al. (2015, eq. 6); ``r = 1`` is Madry's PGD-AT (FAL, Li,
+  Song & Yang 2023), ``0 < r < 1`` FAT's clean/adversarial mix (Zizzo et al. 2020),
+  which in expectation equals replacing a fraction r of each batch by adversarial
+  examples. Means are over the examples of ``batch['mask']``.
+
+  Args:
+    example_loss: ``(params, batch, rng) -> [B]``, the same per-example loss the
+      first-order oracle takes; the attack perturbs ``batch[input_key]``.
+    attack: ``(loss_on_inputs, x, rng) -> x_adv``, e.g. ``attacks.pgd(...)``.
+    mix_ratio: r in [0, 1]; 0 skips the attack (clean training), 1 skips the clean loss.
+    input_key: the batch entry the attack perturbs.
+
+  Returns:
+    A stateless ``GradientOracle`` whose aux holds the trained ``'loss'`` (the mix).
+  """
+  if isinstance(mix_ratio, (int, float)) and not 0.0 <= mix_ratio <= 1.0:
+    raise ValueError(f"mix_ratio must be in [0, 1] (0: clean, 1: all adversarial), "
+                     f"got {mix_ratio}.")
+  loss = batch_loss(example_loss)
+  static_ratio = mix_ratio if isinstance(mix_ratio, (int, float)) else None
+
+  def update(params, batch, rng, state):
+    if static_ratio == 0.0:
+      value, grads = jax.value_and_grad(loss)(params, batch, rng)
+      return grads, {"loss": value}, state
+    # The attack's own key; the loss keeps ``rng`` so r = 0 / eps = 0 match first_order.
+    attack_key = jax.random.fold_in(rng, 0x5EED)
+    inputs_loss = lambda x: example_loss(params, {**batch, input_key: x}, rng)
+    adv_batch = {**batch, input_key: attack(inputs_loss, batch[input_key], attack_key)}
+    if static_ratio == 1.0:
+      value, grads = jax.value_and_grad(loss)(params, adv_batch, rng)
+      return grads, {"loss": value}, state
+
+    def mixed(p):
+      return (1.0 - mix_ratio) * loss(p, batch, rng) + mix_ratio * loss(p, adv_batch, rng)
+
+    value, grads = jax.value_and_grad(mixed)(params)
     return grads, {"loss": value}, state
 
   return GradientOracle(init=lambda params: (), update=update)

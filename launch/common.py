@@ -1,7 +1,7 @@
 """Builds a run from a config: data, model, method; shared by launch scripts and notebooks."""
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -19,6 +19,25 @@ class Experiment:
   train_data: data_lib.FederatedData
   test_arrays: dict
   init_params: Any
+  evaluate: Optional[Callable] = None   # (params, arrays) -> metrics; None: clean accuracy/loss
+  attacks: Optional[dict] = None        # robust evaluation's attacks, by name (None: clean only)
+
+
+def robust_attacks_from_config(config) -> Optional[dict]:
+  """FGSM + PGD-k attacks from ``config.robust_eval`` (None when it is absent or empty).
+
+  Keys: eps, norm ('linf'/'l2'), pgd_steps, pgd_step_size (default eps/8), rand_init,
+  fgsm (bool), clip_min, clip_max; also batch_size and seed (default config.seed),
+  which ``build`` passes to the evaluator.
+  """
+  cfg = config.get("robust_eval")
+  if not cfg:
+    return None
+  return metrics_lib.robust_attacks(
+      eps=cfg.eps, norm=cfg.get("norm", "linf"), pgd_steps=cfg.get("pgd_steps", 20),
+      pgd_step_size=cfg.get("pgd_step_size"), rand_init=cfg.get("rand_init", True),
+      fgsm=cfg.get("fgsm", True), clip_min=cfg.get("clip_min", 0.0),
+      clip_max=cfg.get("clip_max", 1.0))
 
 
 def build(config) -> Experiment:
@@ -34,7 +53,14 @@ def build(config) -> Experiment:
     model = models_lib.get(config.model, num_classes=num_classes)
   init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
   method = algorithms.build(config.algorithm, config, models_lib.classification_loss(model))
-  return Experiment(method, model, train_data, test_arrays, init_params)
+  attacks = robust_attacks_from_config(config)
+  if attacks:
+    cfg = config.robust_eval
+    evaluate = metrics_lib.make_robust_evaluator(
+        model, attacks, batch_size=cfg.get("batch_size", 1024), seed=cfg.get("seed", config.seed))
+  else:
+    evaluate = metrics_lib.make_evaluator(model)
+  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
 
 
 def run(config, workdir: Optional[str] = None, progress: bool = True):
@@ -46,13 +72,18 @@ def run(config, workdir: Optional[str] = None, progress: bool = True):
       seed=config.seed, eval_every=config.eval_every,
       checkpoint_every=config.get("checkpoint_every", 0),
       rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress)
+  evaluate = exp.evaluate or metrics_lib.make_evaluator(exp.model)
   state, history = training.train(exp.algorithm, exp.init_params, exp.train_data,
-                                  metrics_lib.make_evaluator(exp.model), exp.test_arrays, opts)
-  final = metrics_lib.to_python(metrics_lib.make_evaluator(exp.model)(state.params, exp.test_arrays))
+                                  evaluate, exp.test_arrays, opts)
+  final = metrics_lib.to_python(evaluate(state.params, exp.test_arrays))
   summary = {"algorithm": config.algorithm, "rounds": int(state.round),
              "test_accuracy": final["accuracy"], "test_loss": final["loss"],
              "train_loss": history[-1]["train_loss"] if history else None,
              "backend": config.backend, "num_clients": exp.train_data.num_clients,
              "clients_per_round": config.clients_per_round,
              "wall_s": round(time.perf_counter() - start, 3)}
+  if "robust_accuracy" in final:
+    # Robust evaluation (config.robust_eval): accuracy under each attack at radius eps.
+    summary.update({k: v for k, v in final.items() if k not in ("accuracy", "loss")})
+    summary["robust_eps"] = float(config.robust_eval.eps)
   return state, history, summary

@@ -1,0 +1,138 @@
+"""FAL: federated adversarial learning, and its baselines FAT and FedDynAT.
+
+Li, Song, Yang. "Federated Adversarial Learning: A Framework with Convergence
+Analysis", ICML 2023 (arXiv 2208.03635). FedAvg around PGD adversarial training:
+
+    objective  L(W) = (1/N) sum_c (1/n_c) sum_{(x,y) in S_c} max_{x' in B_p(x, rho)} l(f_W(x'), y)
+    client c:  W <- W - eta_l grad_W mean l(f_W(x'), y),  x' = PGD_S(f_W, x, y)  (K local steps)
+    server:    W_{t+1} = W_t + eta_g sum_c w_c (W_c - W_t)
+
+So FAL = any federated method + the ``adversarial`` gradient oracle
+(``fedjax_lab.oracles.adversarial``); the server, aggregator and client optimizer are
+the base method's (FedAvg by default; FedProx, FedAdam, ... compose unchanged).
+
+Baselines (same oracle):
+* FAT / FedPGD-AT (Zizzo et al. 2020, arXiv 2012.01791): the loss mixes clean and
+  adversarial examples, ``(1 - r) l(x) + r l(x')``.
+* FedDynAT (Shah et al. 2021, "Adversarial training in communication constrained
+  federated learning"): the local work decays with the rounds. The paper decays local
+  epochs; the exact schedule is not public, so we use the stand-in
+  ``K_t = max(K_min, floor(K_0 * decay^t))`` local *steps* (a masked scan of static
+  length K_0 through the engine's ``step_limit`` hook; the round number is broadcast).
+"""
+import dataclasses
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+import optax
+
+from algorithms.fedavg import fedavg
+from fedjax_lab import attacks, oracles
+from fedjax_lab.algorithm import FederatedAlgorithm
+from fedjax_lab.client import LocalSchedule
+
+
+def adversarial_training(method: FederatedAlgorithm, example_loss, attack,
+                         mix_ratio: float = 1.0, name: Optional[str] = None) -> FederatedAlgorithm:
+  """``method`` with its clients training on ``attack``-ed inputs (mix ``mix_ratio``)."""
+  return dataclasses.replace(method, oracle=oracles.adversarial(example_loss, attack, mix_ratio),
+                             name=name or f"{method.name}_at")
+
+
+def fal(example_loss, attack, client_lr: float, server_lr: float = 1.0,
+        schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
+        ) -> FederatedAlgorithm:
+  """FAL: FedAvg whose clients run PGD adversarial training on all their examples."""
+  return adversarial_training(fedavg(example_loss, client_lr, server_lr, schedule, weighting),
+                              example_loss, attack, 1.0, "fal")
+
+
+def fat(example_loss, attack, client_lr: float, mix_ratio: float = 0.5, server_lr: float = 1.0,
+        schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
+        ) -> FederatedAlgorithm:
+  """FAT: FedAvg with the clean/adversarial mix ``(1 - r) l(x) + r l(x')``."""
+  return adversarial_training(fedavg(example_loss, client_lr, server_lr, schedule, weighting),
+                              example_loss, attack, mix_ratio, "fat")
+
+
+def decaying_steps(initial_steps: int, decay: float, min_steps: int = 1) -> Callable:
+  """``round -> int32 K_t = max(K_min, floor(K_0 * decay^t))`` (optax's exponential decay)."""
+  if not 1 <= min_steps <= initial_steps:
+    raise ValueError(f"FedDynAT needs 1 <= min_steps <= initial_steps, got min_steps={min_steps}, "
+                     f"initial_steps={initial_steps}.")
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"FedDynAT decay must be in (0, 1], got {decay}.")
+  curve = optax.exponential_decay(float(initial_steps), transition_steps=1, decay_rate=decay)
+  return lambda t: jnp.maximum(jnp.floor(curve(t)).astype(jnp.int32), min_steps)
+
+
+def with_decaying_steps(method: FederatedAlgorithm, initial_steps: int, decay: float,
+                        min_steps: int = 1, name: Optional[str] = None) -> FederatedAlgorithm:
+  """Runs ``K_t`` of the schedule's ``initial_steps`` local steps in round t (the rest masked)."""
+  steps_at = decaying_steps(initial_steps, decay, min_steps)
+  base_broadcast = method.broadcast
+
+  def broadcast(state):
+    return {**base_broadcast(state), "round": state.round}
+
+  schedule = dataclasses.replace(method.schedule, epochs=None, steps=initial_steps)
+  return dataclasses.replace(method, schedule=schedule, broadcast=broadcast,
+                             step_limit=lambda down: steps_at(down["round"]),
+                             name=name or method.name)
+
+
+def feddynat(example_loss, attack, client_lr: float, initial_steps: int, decay: float,
+             min_steps: int = 1, batch_size: int = 32, mix_ratio: float = 1.0,
+             server_lr: float = 1.0, weighting: str = "num_examples") -> FederatedAlgorithm:
+  """FedDynAT: FAT/FAL with ``K_t = max(K_min, floor(K_0 decay^t))`` local steps in round t."""
+  method = fat(example_loss, attack, client_lr, mix_ratio, server_lr,
+               LocalSchedule(batch_size=batch_size, steps=initial_steps), weighting)
+  return with_decaying_steps(method, initial_steps, decay, min_steps, "feddynat")
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+def attack_from_config(config) -> attacks.PGD:
+  """The training attack from ``config.attack`` (norm, eps, step_size, steps, rand_init, clip)."""
+  cfg = config.get("attack")
+  if cfg is None:
+    raise ValueError("Adversarial training needs config.attack (norm, eps, step_size, steps, "
+                     "rand_init, clip_min, clip_max); see launch/configs/fal_digits.py.")
+  return attacks.PGD(eps=cfg.eps, step_size=cfg.get("step_size", cfg.eps / 4),
+                     steps=cfg.get("steps", 10), norm=cfg.get("norm", "linf"),
+                     rand_init=cfg.get("rand_init", True), clip_min=cfg.get("clip_min", 0.0),
+                     clip_max=cfg.get("clip_max", 1.0))
+
+
+def _base_method(config, example_loss) -> FederatedAlgorithm:
+  import algorithms   # the registry imports this module
+  base = config.get("adversarial_base", "fedavg")
+  if base in ("fal", "fat", "feddynat"):
+    raise ValueError(f"adversarial_base must be a non-adversarial method, got {base!r}.")
+  return algorithms.build(base, config, example_loss)
+
+
+def fal_from_config(config, example_loss) -> FederatedAlgorithm:
+  """FAL on ``config.adversarial_base`` (default FedAvg), all examples adversarial."""
+  return adversarial_training(_base_method(config, example_loss), example_loss,
+                              attack_from_config(config), 1.0, "fal")
+
+
+def fat_from_config(config, example_loss) -> FederatedAlgorithm:
+  return adversarial_training(_base_method(config, example_loss), example_loss,
+                              attack_from_config(config), config.get("mix_ratio", 0.5), "fat")
+
+
+def feddynat_from_config(config, example_loss) -> FederatedAlgorithm:
+  """FedDynAT from ``config.feddynat.{initial_steps, decay, min_steps, mix_ratio}``.
+
+  ``initial_steps`` defaults to ``config.local_steps`` (if > 0, else 50); the batch size is
+  ``config.batch_size``; ``mix_ratio`` defaults to 1 (all examples adversarial).
+  """
+  cfg = config.get("feddynat") or {}
+  initial = cfg.get("initial_steps") or config.get("local_steps") or 50
+  method = adversarial_training(_base_method(config, example_loss), example_loss,
+                                attack_from_config(config), cfg.get("mix_ratio", 1.0))
+  return with_decaying_steps(method, initial, cfg.get("decay", 0.95), cfg.get("min_steps", 1),
+                             "feddynat")
+
