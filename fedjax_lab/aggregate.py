@@ -7,7 +7,9 @@ from typing import Optional
 
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+import optax
 
 from fedjax_lab.transforms import Aggregator
 
@@ -34,3 +36,258 @@ def weighted_mean() -> Aggregator:
     return mean, state
 
   return Aggregator(init=lambda: (), update=update)
+
+
+# ---------------------------------------------------------------------------
+# Robust aggregators.
+#
+# Each sees the full cohort: with ``axis_name`` set, the per-device slices are
+# concatenated with ``all_gather(tiled=True)`` (in device order, so the stacked
+# cohort is the same as on one device) and every device computes the same
+# statistic. Zero-weight clients (cohort padding, empty clients) never influence
+# the result. ``weighted=False`` gives every client with a positive weight the
+# same weight 1.
+# ---------------------------------------------------------------------------
+
+
+def gather_clients(tree, axis_name: Optional[str] = None):
+  """The full stacked cohort ``[C, ...]`` on every device (identity on one device)."""
+  if axis_name is None:
+    return tree
+  return jax.lax.all_gather(tree, axis_name, tiled=True)
+
+
+def _statistic_weights(weights: jax.Array, weighted: bool) -> jax.Array:
+  weights = jnp.maximum(weights.astype(jnp.float32), 0.0)
+  return weights if weighted else (weights > 0).astype(jnp.float32)
+
+
+def ravel_clients(messages):
+  """``[C, D]`` float32 rows (one per client) and ``unravel(row [D]) -> message``."""
+  flat = jax.vmap(lambda m: jax.flatten_util.ravel_pytree(m)[0])(messages)
+  _, unravel = jax.flatten_util.ravel_pytree(jax.tree.map(lambda x: x[0], messages))
+  return flat.astype(jnp.float32), unravel
+
+
+def _sorted_with_weights(values: jax.Array, weights: jax.Array):
+  """Sorts ``values [C, ...]`` along the clients axis; returns (sorted, their weights)."""
+  order = jnp.argsort(values, axis=0)
+  sorted_values = jnp.take_along_axis(values, order, axis=0)
+  return sorted_values, weights[order]
+
+
+def weighted_quantile_median(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """Coordinate-wise weighted median of ``values [C, ...]`` with ``weights [C] >= 0``.
+
+  The median is the value where the cumulative weight of the sorted values reaches
+  half the total; when it lands exactly on a boundary the two neighbours are
+  averaged, so equal weights give ``np.median``. Zero-weight rows are skipped.
+  """
+  v, w = _sorted_with_weights(values, weights)
+  cum = jnp.cumsum(w, axis=0)
+  total = cum[-1]
+  lower = jnp.argmax(2 * cum >= total, axis=0)
+  upper = jnp.argmax(2 * cum > total, axis=0)
+  pick = lambda i: jnp.take_along_axis(v, i[None], axis=0)[0]
+  median = 0.5 * (pick(lower) + pick(upper))
+  return jnp.where(total > 0, median, 0.0).astype(values.dtype)
+
+
+def coordinate_median(weighted: bool = True) -> Aggregator:
+  """Coordinate-wise (weighted) median (Yin, Chen, Ramchandran, Bartlett, ICML 2018).
+
+  ``agg_j = median_i m_ij`` for every coordinate ``j`` of every leaf, with weights
+  (see ``weighted_quantile_median``).
+  """
+  def update(messages, weights, state, axis_name=None):
+    messages, weights = gather_clients((messages, weights), axis_name)
+    w = _statistic_weights(weights, weighted)
+    return jax.tree.map(lambda m: weighted_quantile_median(m, w), messages), state
+
+  return Aggregator(init=lambda: (), update=update)
+
+
+def _trimmed_mean(values: jax.Array, weights: jax.Array, trim: jax.Array) -> jax.Array:
+  """Mean of the sorted values after removing weight ``trim`` from each end.
+
+  Row ``j`` of the sorted values covers the weight interval ``[cum_{j-1}, cum_j]``;
+  it keeps the part inside ``[trim, total - trim]`` (boundary rows partially).
+  """
+  v, w = _sorted_with_weights(values, weights)
+  cum = jnp.cumsum(w, axis=0)
+  total = cum[-1]
+  keep = jnp.clip(jnp.minimum(cum, total - trim) - jnp.maximum(cum - w, trim), 0.0, None)
+  kept = total - 2 * trim
+  mean = jnp.sum(keep * v, axis=0) / jnp.maximum(kept, 1e-12)
+  return jnp.where(kept > 0, mean, 0.0).astype(values.dtype)
+
+
+def trimmed_mean(beta: float, weighted: bool = True) -> Aggregator:
+  """Coordinate-wise beta-trimmed mean (Yin et al., ICML 2018, Definition 2).
+
+  Unweighted: per coordinate, drop the ``floor(beta * n)`` largest and smallest of
+  the ``n`` valid clients' values and average the rest (``scipy.stats.trim_mean``).
+  Weighted: drop weight ``beta * W`` from each end of the sorted values (rows on
+  the boundary count in part) and take the weighted mean of what is left.
+
+  Args:
+    beta: fraction trimmed from each end, in ``[0, 0.5)``.
+    weighted: use the client weights (else every valid client weighs 1).
+  """
+  if not 0.0 <= beta < 0.5:
+    raise ValueError(f"trimmed_mean needs 0 <= beta < 0.5, got beta={beta}.")
+
+  def update(messages, weights, state, axis_name=None):
+    messages, weights = gather_clients((messages, weights), axis_name)
+    w = _statistic_weights(weights, weighted)
+    total = jnp.sum(w)
+    trim = beta * total if weighted else jnp.floor(beta * total)
+    return jax.tree.map(lambda m: _trimmed_mean(m, w, trim), messages), state
+
+  return Aggregator(init=lambda: (), update=update)
+
+
+def _pairwise_sq_distances(flat: jax.Array) -> jax.Array:
+  """``[C, C]`` squared Euclidean distances, one row at a time (memory ``C * D``)."""
+  return jax.lax.map(lambda row: jnp.sum((flat - row) ** 2, axis=1), flat)
+
+
+def krum_scores(flat: jax.Array, valid: jax.Array, num_byzantine: jax.Array) -> jax.Array:
+  """Krum scores (Blanchard et al., NeurIPS 2017, Sec. 4).
+
+  ``score_i = sum of the squared distances from m_i to its n - f - 2 closest other
+  valid clients`` (at least 1 neighbour), ``n`` the number of valid clients and
+  ``f = num_byzantine``. Invalid clients score ``inf``.
+
+  Args:
+    flat: ``[C, D]`` client messages.
+    valid: bool ``[C]``.
+    num_byzantine: int scalar ``f``.
+  """
+  count = flat.shape[0]
+  d2 = _pairwise_sq_distances(flat)
+  eye = jnp.eye(count, dtype=bool)
+  d2 = jnp.where(valid[None, :] & ~eye, d2, jnp.inf)
+  n = jnp.sum(valid.astype(jnp.int32))
+  neighbours = jnp.clip(n - num_byzantine - 2, 1, jnp.maximum(n - 1, 0))
+  closest = jnp.sort(d2, axis=1)
+  take = jnp.arange(count)[None, :] < neighbours
+  scores = jnp.sum(jnp.where(take, closest, 0.0), axis=1)
+  return jnp.where(valid, scores, jnp.inf)
+
+
+def _num_byzantine(valid, num_byzantine, byzantine_fraction):
+  if num_byzantine is not None:
+    return jnp.asarray(num_byzantine, jnp.int32)
+  n = jnp.sum(valid.astype(jnp.int32))
+  return jnp.floor(byzantine_fraction * n).astype(jnp.int32)
+
+
+def multi_krum(num_selected: Optional[int] = None, num_byzantine: Optional[int] = None,
+               byzantine_fraction: float = 0.0, weighted: bool = True) -> Aggregator:
+  """Multi-Krum (Blanchard et al., NeurIPS 2017): mean of the ``m`` best-scored clients.
+
+  ``f`` is ``num_byzantine`` if given, else ``floor(byzantine_fraction * n)`` for the
+  ``n`` valid clients of the round; ``m = num_selected`` or, if None, ``n - f``.
+  The selected messages are averaged with the client weights (``weighted``).
+  Ties in score go to the lower cohort position.
+  """
+  if num_selected is not None and num_selected < 1:
+    raise ValueError(f"multi_krum needs num_selected >= 1 (or None for n - f), got {num_selected}.")
+  if num_byzantine is not None and num_byzantine < 0:
+    raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}.")
+  if not 0.0 <= byzantine_fraction < 1.0:
+    raise ValueError(f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}.")
+
+  def update(messages, weights, state, axis_name=None):
+    messages, weights = gather_clients((messages, weights), axis_name)
+    flat, _ = ravel_clients(messages)
+    valid = weights > 0
+    f = _num_byzantine(valid, num_byzantine, byzantine_fraction)
+    scores = krum_scores(flat, valid, f)
+    n = jnp.sum(valid.astype(jnp.int32))
+    m = jnp.maximum(n - f, 1) if num_selected is None else num_selected
+    rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+    selected = valid & (rank < m)
+    w = jnp.where(selected, _statistic_weights(weights, weighted), 0.0)
+    # A selected client of weight 0 cannot happen (valid means weight > 0).
+    return weighted_mean().update(messages, w, state, None)
+
+  return Aggregator(init=lambda: (), update=update)
+
+
+def krum(num_byzantine: Optional[int] = None, byzantine_fraction: float = 0.0) -> Aggregator:
+  """Krum (Blanchard et al., NeurIPS 2017): the single message with the lowest score."""
+  return multi_krum(1, num_byzantine, byzantine_fraction)
+
+
+def weiszfeld(flat: jax.Array, weights: jax.Array, iterations: int, nu: float = 1e-6):
+  """Smoothed Weiszfeld iterations for the weighted geometric median (RFA, Algorithm 3).
+
+  ``z <- sum_i beta_i x_i / sum_i beta_i`` with ``beta_i = w_i / max(nu, ||z - x_i||)``,
+  starting from the weighted mean; minimises ``sum_i w_i max(nu, ||z - x_i||)``.
+
+  Args:
+    flat: ``[C, D]`` points.
+    weights: ``[C]`` non-negative weights.
+    iterations: static number of steps.
+    nu: smoothing, keeps the step defined when ``z`` hits a point.
+  """
+  total = jnp.maximum(jnp.sum(weights), 1e-12)
+  z = weights @ flat / total
+
+  def step(_, z):
+    dist = jnp.sqrt(jnp.sum((flat - z) ** 2, axis=1))
+    beta = weights / jnp.maximum(dist, nu)
+    return beta @ flat / jnp.maximum(jnp.sum(beta), 1e-30)
+
+  return jax.lax.fori_loop(0, iterations, step, z)
+
+
+def geometric_median(iterations: int = 10, nu: float = 1e-6, weighted: bool = True) -> Aggregator:
+  """Geometric median of the whole messages (RFA: Pillutla, Kakade, Harchaoui 2022).
+
+  ``argmin_z sum_i w_i ||z - m_i||`` by ``iterations`` smoothed Weiszfeld steps.
+  """
+  if iterations < 1:
+    raise ValueError(f"geometric_median needs iterations >= 1, got {iterations}.")
+
+  def update(messages, weights, state, axis_name=None):
+    messages, weights = gather_clients((messages, weights), axis_name)
+    flat, unravel = ravel_clients(messages)
+    z = weiszfeld(flat, _statistic_weights(weights, weighted), iterations, nu)
+    return unravel(z), state
+
+  return Aggregator(init=lambda: (), update=update)
+
+
+def clip_clients(messages, max_norm):
+  """Scales each client's message to global L2 norm at most ``max_norm`` (optax's rule).
+
+  Returns (clipped messages ``[C, ...]``, norms before clipping ``[C]``).
+  """
+  clip = optax.clip_by_global_norm(max_norm)
+  clipped = jax.vmap(lambda m: clip.update(m, clip.init(m))[0])(messages)
+  norms = jax.vmap(optax.tree.norm)(messages)
+  return clipped, norms
+
+
+def norm_bounded_mean(max_norm: float, weighted: bool = True) -> Aggregator:
+  """Weighted mean of the messages after clipping each to norm ``max_norm``.
+
+  Norm bounding (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated
+  Learning?", 2019): ``sum_i w_i m_i min(1, M / ||m_i||) / sum_i w_i``. Only sums
+  cross devices (``psum``), no all-gather.
+  """
+  if not max_norm > 0:
+    raise ValueError(f"norm_bounded_mean needs max_norm > 0, got {max_norm}.")
+
+  def update(messages, weights, state, axis_name=None):
+    clipped, _ = clip_clients(messages, max_norm)
+    return weighted_mean().update(clipped, _statistic_weights(weights, weighted), state, axis_name)
+
+  return Aggregator(init=lambda: (), update=update)
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+               "norm_bounded")
