@@ -9,6 +9,7 @@ import algorithms
 from fedjax_lab import data as data_lib
 from fedjax_lab import metrics as metrics_lib
 from fedjax_lab import models as models_lib
+from fedjax_lab import robust
 from fedjax_lab import training
 
 
@@ -53,6 +54,8 @@ def build(config) -> Experiment:
     model = models_lib.get(config.model, num_classes=num_classes)
   init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
   method = algorithms.build(config.algorithm, config, models_lib.classification_loss(model))
+  # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
+  method = robust.apply_robustness(method, config)
   attacks = robust_attacks_from_config(config)
   if attacks:
     cfg = config.robust_eval
@@ -82,6 +85,8 @@ def run(config, workdir: Optional[str] = None, progress: bool = True):
              "backend": config.backend, "num_clients": exp.train_data.num_clients,
              "clients_per_round": config.clients_per_round,
              "wall_s": round(time.perf_counter() - start, 3)}
+  summary.update({k: config[k] for k in ("aggregator", "attack", "malicious_fraction") if k in config})
+  summary.update(robust.privacy_report(config, exp.train_data.num_clients, int(state.round)))
   if "robust_accuracy" in final:
     # Robust evaluation (config.robust_eval): accuracy under each attack at radius eps.
     summary.update({k: v for k, v in final.items() if k not in ("accuracy", "loss")})

@@ -130,3 +130,22 @@ def test_launch_reports_unknown_algorithm_without_traceback():
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert "Unknown algorithm 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_launch_wires_attack_aggregator_and_dp_epsilon():
+  from fedjax_lab import privacy
+  from launch.configs import robust_digits
+  config = robust_digits.get_config()
+  config.rounds, config.eval_every = 2, 2
+  config.aggregator, config.attack, config.malicious_fraction = "mean", "none", 0.0
+  config.dp.clip, config.dp.noise_multiplier = 0.5, 1.0
+  _, _, summary = common.run(config, progress=False)
+  assert summary["aggregator"] == "mean" and summary["dp_rounds"] == 2
+  q = config.clients_per_round / config.num_clients
+  expected = privacy.epsilon(1.0, q, 2, summary["dp_delta"], "rdp")
+  np.testing.assert_allclose(summary["dp_epsilon_rdp"], expected, rtol=1e-9)
+  # The same config with the mean replaced by the median is a different aggregation.
+  config.dp.clip, config.dp.noise_multiplier = None, None
+  config.aggregator = "median"
+  _, _, median = common.run(config, progress=False)
+  assert "dp_epsilon_rdp" not in median and median["aggregator"] == "median"
