@@ -11,6 +11,7 @@ from fedjax_lab import metrics as metrics_lib
 from fedjax_lab import models as models_lib
 from fedjax_lab import robust
 from fedjax_lab import training
+from fedjax_lab.models import text as text_models
 
 
 @dataclasses.dataclass
@@ -43,11 +44,23 @@ def robust_attacks_from_config(config) -> Optional[dict]:
 
 def build(config) -> Experiment:
   """Data, model, initial params and method from a config (raises ValueError on bad keys)."""
-  train_data, test_arrays = data_lib.load_federated(
+  train_data, test_arrays, info = data_lib.load_federated_with_info(
       data=config.data, partition=config.partition, num_clients=config.num_clients,
       alpha=config.get("alpha", 0.5), seed=config.seed,
-      test_fraction=config.get("test_fraction", 0.2))
-  num_classes = int(max(train_data.arrays["y"].max(), test_arrays["y"].max())) + 1
+      test_fraction=config.get("test_fraction", 0.2),
+      num_shards_per_partition=config.get("num_shards_per_partition", 2),
+      num_classes_per_partition=config.get("num_classes_per_partition", 2),
+      sequence_length=config.get("sequence_length", None),
+      vocab_size=config.get("vocab_size", 10000), data_dir=config.get("data_dir", None))
+  if info.task == "next_token":
+    # Next-token text (Shakespeare, Stack Overflow): a char LM with a per-token masked loss.
+    model = text_models.char_lm(info.num_classes)
+    init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
+    method = algorithms.build(config.algorithm, config, text_models.sequence_loss(model))
+    method = robust.apply_robustness(method, config)
+    return Experiment(method, model, train_data, test_arrays, init_params,
+                      text_models.make_sequence_evaluator(model), None)
+  num_classes = info.num_classes
   if config.model == "mlp":
     model = models_lib.mlp(config.get("hidden", (200,)), num_classes)
   else:

@@ -149,3 +149,19 @@ def test_launch_wires_attack_aggregator_and_dp_epsilon():
   config.aggregator = "median"
   _, _, median = common.run(config, progress=False)
   assert "dp_epsilon_rdp" not in median and median["aggregator"] == "median"
+
+
+def test_launch_trains_a_char_model_on_leaf_shakespeare(tmp_path):
+  path = tmp_path / "shakespeare.json"
+  rng = np.random.default_rng(0)
+  users = {f"u{i}": {"x": ["".join(rng.choice(list("abcd"), 8)) for _ in range(6)],
+                     "y": list(rng.choice(list("abcd"), 6))} for i in range(4)}
+  path.write_text(json.dumps({"users": list(users), "num_samples": [6] * 4, "user_data": users}))
+  config = fedavg_digits.get_config()
+  config.data, config.partition, config.num_clients = f"leaf:{path}", "natural", 4
+  config.clients_per_round, config.rounds, config.eval_every, config.rounds_per_call = 2, 2, 2, 1
+  state, history, summary = common.run(config, progress=False)
+  assert summary["rounds"] == 2 and np.isfinite(summary["test_loss"])
+  # Chance level for a 4-letter alphabet plus special tokens: the loss is a real cross-entropy.
+  assert 0.5 < summary["test_loss"] < 10
+  assert "Embed" in str(jax.tree.map(lambda x: x.shape, state.params))
