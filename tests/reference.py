@@ -1,7 +1,9 @@
 """Independent numpy references and tiny problems shared by the tests."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.algorithm import make_round
 from fedjax_lab.data.federated import FederatedData
 
 
@@ -58,3 +60,16 @@ def tree_close(a, b, atol):
   for k in a:
     np.testing.assert_allclose(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64),
                                atol=atol, rtol=0, err_msg=f"leaf {k}")
+
+
+def run_rounds(method, data, params, rounds, clients_per_round=None, seed=0):
+  """States after 0..rounds jitted vmap rounds (full participation by default)."""
+  clients_per_round = clients_per_round or data.num_clients
+  round_fn = jax.jit(make_round(method, data, clients_per_round, "vmap"))
+  state = method.init(params, jax.random.PRNGKey(seed), data.num_clients)
+  arrays, offsets = data.device_arrays()
+  states = [state]
+  for _ in range(rounds):
+    state, _ = round_fn(state, arrays, offsets)
+    states.append(state)
+  return states

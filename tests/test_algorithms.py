@@ -12,22 +12,13 @@ from algorithms.fedsgd import fedsgd
 from algorithms.scaffold import scaffold
 from fedjax_lab.algorithm import make_round, sample_cohort
 from fedjax_lab.client import LocalSchedule
-from reference import linear_example_loss, linear_problem, local_sgd, to_numpy, tree_close
+from reference import (linear_example_loss, linear_grad, linear_problem, local_sgd, run_rounds,
+                       to_numpy, tree_close)
 
 SIZES = (5, 3, 7)
 NO_SHUFFLE = LocalSchedule(batch_size=2, epochs=2, shuffle=False)
 
 
-def run_rounds(method, data, params, rounds, clients_per_round=None, seed=0):
-  clients_per_round = clients_per_round or data.num_clients
-  round_fn = jax.jit(make_round(method, data, clients_per_round, "vmap"))
-  state = method.init(params, jax.random.PRNGKey(seed), data.num_clients)
-  arrays, offsets = data.device_arrays()
-  states = [state]
-  for _ in range(rounds):
-    state, _ = round_fn(state, arrays, offsets)
-    states.append(state)
-  return states
 
 
 def numpy_fedavg_round(data, params, lr, batch_size, epochs, weights, server_lr=1.0, mu=0.0):
@@ -66,7 +57,6 @@ def test_fedprox_round_matches_numpy():
 def test_fedsgd_is_one_full_batch_gradient_step():
   data, params = linear_problem(SIZES)
   state = run_rounds(fedsgd(linear_example_loss, client_lr=0.3), data, params, 1)[-1]
-  from reference import linear_grad
   start = to_numpy(params)
   grads = [linear_grad(start, data.client(i)["x"], data.client(i)["y"]) for i in range(3)]
   mean = {k: sum(n * g[k] for n, g in zip(SIZES, grads)) / sum(SIZES) for k in start}

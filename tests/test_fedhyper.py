@@ -19,7 +19,8 @@ from algorithms.scaffold import scaffold
 from fedjax_lab.algorithm import make_round
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import FederatedData
-from reference import linear_example_loss, linear_grad, linear_problem, local_sgd, to_numpy, tree_close
+from reference import (linear_example_loss, linear_grad, linear_problem, local_sgd, run_rounds,
+                       to_numpy, tree_close)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (5, 3, 7)
@@ -86,15 +87,6 @@ def np_mean_delta(data, x, local, weights):
   return {k: sum(w * d[k] for w, d in zip(weights, deltas)) for k in x}, deltas
 
 
-def run_rounds(method, data, params, rounds, clients_per_round=None):
-  round_fn = jax.jit(make_round(method, data, clients_per_round or data.num_clients, "vmap"))
-  state = method.init(params, jax.random.PRNGKey(0), data.num_clients)
-  arrays, offsets = data.device_arrays()
-  states = [state]
-  for _ in range(rounds):
-    state, _ = round_fn(state, arrays, offsets)
-    states.append(state)
-  return states
 
 
 def random_trees(n, seed=0, scale=1.0):

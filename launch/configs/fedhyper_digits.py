@@ -13,34 +13,19 @@ baselines: fedavg, fedavgm, fedadam, fedadagrad, fedexp, fedavg_decay.
 import ml_collections
 from ml_collections import config_dict
 
+from launch.configs import fedavg_digits
+
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+  # Data, model and execution keys are fedavg_digits.py's, so baselines see identical runs.
+  config = fedavg_digits.get_config()
   config.algorithm = "fedhyper_g"
-  # Data (as fedavg_digits.py).
-  config.data = "digits"
-  config.partition = "dirichlet"
-  config.alpha = 0.5                 # Dirichlet concentration (label skew)
-  config.num_clients = 100
-  config.test_fraction = 0.2
-  # Model (as fedavg_digits.py).
-  config.model = "mlp"
-  config.hidden = (200,)
-  # Rounds and local work.
   config.rounds = 100
-  config.clients_per_round = 10
-  config.local_epochs = 5
-  config.local_steps = 0             # > 0 replaces epochs by a fixed step count
-  config.batch_size = 10
   config.client_lr = 0.05            # initial local rate eta_0
   config.server_lr = 1.0             # initial global rate
-  config.weighting = "num_examples"
   # Server optimizer the rules chain onto: sgd | momentum | adam | yogi | adagrad.
   config.server_optimizer = "sgd"
   config.server_momentum = 0.9       # 'momentum' server optimizer and fedavgm
-  config.server_b1 = 0.9
-  config.server_b2 = 0.99
-  config.server_tau = 1e-3
   # FedHyper-G/GM: A <- clip(A + h <m_{t-1}, Delta_t>, lo, hi); rate 1 + A.
   config.fedhyper_base = "fedavg"    # G/GM on top of any registered method (fedprox, scaffold, ...)
   config.fedhyper_clip_lo = config_dict.placeholder(float)   # None: -0.8 (G), -0.2 (GM)
@@ -62,11 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.decay_global = True
   config.decay_local = True
   config.fedexp_eps = 1e-3
-  config.prox_mu = 0.01              # fedprox (also as fedhyper_base)
-  # Execution.
-  config.backend = "vmap"
-  config.rounds_per_call = 10
-  config.seed = 0
-  config.eval_every = 10
-  config.checkpoint_every = 50
+  config.eval_every = 10             # denser curves than fedavg_digits.py
   return config
