@@ -5,10 +5,8 @@ only looks at the state between chunks, to log, evaluate, checkpoint and stop on
 non-finite loss.
 """
 import dataclasses
-import math
 import os
-import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +25,11 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainOptions:
+  """Run options; ``writers`` get every per-round record after ``metrics.jsonl``.
+
+  A writer is any object with ``write(record: dict)`` (e.g.
+  ``plotting.TensorBoardWriter``); its caller creates and closes it.
+  """
   rounds: int
   clients_per_round: int
   backend: str = "vmap"
@@ -36,6 +39,7 @@ class TrainOptions:
   rounds_per_call: int = 1
   workdir: Optional[str] = None
   progress: bool = True
+  writers: Sequence = ()
 
 
 def _next_stop(current: int, opts: TrainOptions) -> int:
@@ -114,6 +118,9 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       if writer:
         for record in records:
           writer.write(record)
+      for extra_writer in opts.writers:
+        for record in records:
+          extra_writer.write(record)
       history.extend(records)
       if checkpointer and (current == opts.rounds or
                            (opts.checkpoint_every and current % opts.checkpoint_every == 0)):

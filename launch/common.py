@@ -79,15 +79,20 @@ def build(config) -> Experiment:
   return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
 
 
-def run(config, workdir: Optional[str] = None, progress: bool = True):
-  """Trains per ``config``; returns (state, history, summary dict)."""
+def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()):
+  """Trains per ``config``; returns (state, history, summary dict).
+
+  ``writers`` (objects with ``write(record)``, e.g. a TensorBoard writer) get every
+  per-round record, as ``training.TrainOptions.writers``.
+  """
   start = time.perf_counter()
   exp = build(config)
   opts = training.TrainOptions(
       rounds=config.rounds, clients_per_round=config.clients_per_round, backend=config.backend,
       seed=config.seed, eval_every=config.eval_every,
       checkpoint_every=config.get("checkpoint_every", 0),
-      rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress)
+      rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress,
+      writers=tuple(writers))
   evaluate = exp.evaluate or metrics_lib.make_evaluator(exp.model)
   state, history = training.train(exp.algorithm, exp.init_params, exp.train_data,
                                   evaluate, exp.test_arrays, opts)
