@@ -93,11 +93,16 @@ def feddynat(example_loss, attack, client_lr: float, initial_steps: int, decay: 
 # ---- configs ---------------------------------------------------------------------------------
 
 def attack_from_config(config) -> attacks.PGD:
-  """The training attack from ``config.attack`` (norm, eps, step_size, steps, rand_init, clip)."""
-  cfg = config.get("attack")
+  """The training attack from ``config.adversarial_training``.
+
+  Its keys: norm, eps, step_size, steps, rand_init, clip_min, clip_max. (``config.attack``
+  names byzantine clients, see fedjax_lab.robust.)
+  """
+  cfg = config.get("adversarial_training")
   if cfg is None:
-    raise ValueError("Adversarial training needs config.attack (norm, eps, step_size, steps, "
-                     "rand_init, clip_min, clip_max); see launch/configs/fal_digits.py.")
+    raise ValueError("Adversarial training needs config.adversarial_training (norm, eps, "
+                     "step_size, steps, rand_init, clip_min, clip_max); see "
+                     "launch/configs/fal_digits.py.")
   return attacks.PGD(eps=cfg.eps, step_size=cfg.get("step_size", cfg.eps / 4),
                      steps=cfg.get("steps", 10), norm=cfg.get("norm", "linf"),
                      rand_init=cfg.get("rand_init", True), clip_min=cfg.get("clip_min", 0.0),

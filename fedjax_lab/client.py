@@ -62,16 +62,16 @@ def _orders(rng: PRNGKey, size: jax.Array, max_examples: int, num_orders: int,
             shuffle: bool) -> jax.Array:
   """``[num_orders, max_examples]`` permutations with the real examples first.
 
-  Each slot draws its sort key from fold_in(key, slot), so the order of the real
-  examples does not depend on how far the client was padded.
+  With partitionable threefry (JAX's default), ``uniform(key, (n,))[:m]`` does not
+  depend on n, so the order of the real examples does not depend on how far the
+  client was padded.
   """
   slots = jnp.arange(max_examples)
   if not shuffle:
     return jnp.broadcast_to(slots, (num_orders, max_examples))
 
   def one(order_index):
-    key = jax.random.fold_in(rng, order_index)
-    keys = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(key, s)))(slots)
+    keys = jax.random.uniform(jax.random.fold_in(rng, order_index), (max_examples,))
     return jnp.argsort(jnp.where(slots < size, keys, 2.0 + slots))
 
   return jax.vmap(one)(jnp.arange(num_orders))

@@ -229,9 +229,9 @@ def test_bad_inputs_are_named():
   config.adversarial_base = "fal"
   with pytest.raises(ValueError, match="adversarial_base must be a non-adversarial method"):
     algorithms.build("fal", config, logistic_example_loss)
-  del config["attack"]
+  del config["adversarial_training"]
   config.adversarial_base = "fedavg"
-  with pytest.raises(ValueError, match="needs config.attack"):
+  with pytest.raises(ValueError, match="needs config.adversarial_training"):
     algorithms.build("fal", config, logistic_example_loss)
 
 
@@ -243,7 +243,7 @@ def small_config(**overrides):
       local_steps=0, local_epochs=2, batch_size=2, shuffle=False, client_lr=0.1, server_lr=1.0,
       weighting="num_examples", prox_mu=0.5, server_b1=0.9, server_b2=0.99, server_tau=1e-3,
       adversarial_base="fedavg", mix_ratio=0.5,
-      attack=dict(norm="linf", eps=0.2, step_size=0.05, steps=3, rand_init=True,
+      adversarial_training=dict(norm="linf", eps=0.2, step_size=0.05, steps=3, rand_init=True,
                   clip_min=0.0, clip_max=1.0)))
   config.update(overrides)
   return config
@@ -268,7 +268,7 @@ def test_zero_radius_is_exactly_the_base_method(base, attack):
   loss = models.classification_loss(model)
   plain_state, plain_metrics = plain_run(base)
   config = small_config(adversarial_base=base)
-  config.attack.update(attack)
+  config.adversarial_training.update(attack)
   method = algorithms.build("fal", config, loss)
   assert method.name == "fal"
   state, metrics_ = run_rounds(method, data, params, 2)
@@ -290,7 +290,7 @@ def test_fal_vmap_and_sharded_backends_agree():
 def test_fat_registry_entry_uses_the_mix_ratio_of_the_config():
   rho = 0.1
   config = small_config(mix_ratio=0.25)
-  config.attack.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
+  config.adversarial_training.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
                             clip_min=None, clip_max=None))
   method = algorithms.build("fat", config, logistic_example_loss)
   assert method.name == "fat"

@@ -22,7 +22,13 @@ COLABS = sorted(glob.glob(os.path.join(REPO, "colabs", "*.ipynb")))
 # Test settings injected into every notebook that defines the name in its parameters cell.
 TEST_PARAMETERS = {"rounds": 3}
 # Extra settings for one notebook (file name -> {name: value}).
-NOTEBOOK_PARAMETERS: dict[str, dict] = {}
+NOTEBOOK_PARAMETERS: dict[str, dict] = {
+    # Fewer compiled programs at test settings (each aggregator/noise level is one).
+    "robust.ipynb": {"aggregators": ("mean", "median"), "fractions": (0.0, 0.2),
+                     "noise_multipliers": (1.0,)},
+    "fot.ipynb": {"num_tasks": 2},
+    "fal.ipynb": {"eps_grid": (0.0, 0.2)},
+}
 CELL_TIMEOUT_S = 300
 # Plots a notebook must show (image outputs), so a figure that renders as text fails.
 MIN_IMAGES = {"getting_started.ipynb": 4, "composing_transforms.ipynb": 1}

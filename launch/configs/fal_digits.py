@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.server_lr = 1.0
   config.weighting = "num_examples"
   # Adversarial training: the attack every local step runs on the current local model.
-  config.attack = ml_collections.ConfigDict(dict(
+  config.adversarial_training = ml_collections.ConfigDict(dict(
       norm="linf", eps=EPS, step_size=EPS / 4, steps=10, rand_init=True,
       clip_min=0.0, clip_max=1.0))
   config.adversarial_base = "fedavg"  # the method FAL/FAT/FedDynAT wrap (fedprox, fedadam, ...)
