@@ -1,0 +1,210 @@
+"""FZooS: federated zeroth-order optimisation with trajectory-informed surrogate gradients.
+
+Shu, Lin, Dai, Low. "Federated Zeroth-Order Optimization using Trajectory-Informed
+Surrogate Gradients", ICML 2024 (arXiv 2308.04077), as in the authors' code
+(``optimizers.py: fzoos_opt``, ``settings.py: FedZoo``):
+
+    local surrogate:  mu_i = GP posterior mean on client i's query history (its whole
+                      trajectory plus active exploration); g = grad mu_i(x_tau)
+    shared surrogate: phi(x) = sqrt(2/M) cos(Omega x + b) from a seed all clients share;
+                      nu_i = (Phi^T Phi + s2 I)^{-1} Phi^T y_i, f_hat_i = phi^T nu_i,
+                      nu_bar = sum_i w_i nu_i, F_hat = phi^T nu_bar
+    local step:       x_{tau+1} = x_tau - eta Adam(g + gamma_tau (grad F_hat(x_tau)
+                                                     - grad f_hat_i(x_tau))),
+                      gamma_tau = 1/(tau+1)
+    server:           x_{r+1} = x_r + eta_g sum_i w_i (x_{i,T} - x_r),  nu_bar = sum_i w_i nu_i
+
+Queries of client i per round (``zeroth_order.surrogate_oracle`` for the local steps):
+1 at x_r, 1 at each new iterate x_1..x_T, 5 exploration points at x_1..x_{T-1} (the 5
+of 100 box candidates of radius 0.01 with the largest gradient posterior variance), and
+at the round end 50 of 200 candidates in the box of radius mean|x_r - x_{i,T}|/2 around
+x_{i,T}: ``1 + T + 5 (T - 1) + 50``, plus 10 initial points on a client's first round.
+The authors' code fits the round-end surrogate around the new global point x_{r+1},
+which costs one more exchange per round and one more (repeated) query at x_{r+1};
+here the client fits it around its own x_{i,T} at the end of its round and uploads
+nu_i with its update, so one round is one exchange (the surrogates are used from the
+next round on, as in the code, where round 1 has no correction).
+
+Deviations, all options: the local GP picks its lengthscale from a grid by marginal
+likelihood (the code: L-BFGS with restarts), its noise is 1e-4 instead of 1e-6 (float32),
+its gradient is analytic (the code: finite differences of the GP mean) and exploration
+ranks candidates by the trace of the gradient's posterior covariance (the code: its first
+coordinate). The code's safeguard that keeps x_r when F does not decrease queries the
+global objective and is off by default (``launch/zeroth_order.py --config.safeguard``).
+``bounds`` projects the local iterates onto the problem's box; the code does not, and
+its objectives are flat outside [0, 1]^d, where a coordinate that has left the box can
+be pushed further out by a surrogate fitted to its own trajectory (the launch configs
+project, for every method alike).
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from algorithms.fedzo import _value_fn, client_optimizer, local_schedule, problem_bounds
+from fedjax_lab import zeroth_order as zo
+from fedjax_lab.algorithm import FederatedAlgorithm, apply_server_tx
+
+
+def rff_correction_grad(surrogate, x):
+  """``grad_x phi(x)^T nu`` for ``surrogate = (rff, nu)``."""
+  rff, nu = surrogate
+  return zo.rff_grad(rff, nu, x)
+
+
+def fzoos(value: zo.ObjectiveFn, row_template: dict, dim: int, client_lr: float = 0.01,
+          local_steps: int = 10, surrogate: zo.SurrogateConfig = zo.SurrogateConfig(),
+          rff_features: int = 10000, rff_lengthscale: float = 1.0, rff_kernel: str = "se",
+          rff_noise: float = 1e-4, rff_points: int = 500, rff_explore: int = 50,
+          rff_candidates: int = 200, rff_min_radius: float = 1e-3, rff_seed: int = 0,
+          gamma: str = "decay", correction: bool = True, server_lr: float = 1.0,
+          optimizer: str = "adam", bounds=None, name: str = "fzoos") -> FederatedAlgorithm:
+  """FZooS on objectives ``value(x, row)``.
+
+  Args:
+    value: a client's objective, ``(x [d], row) -> scalar``.
+    row_template: one client's row (shapes and dtypes; e.g. ``Problem.row_template()``),
+      kept in the oracle state so that the round-end queries can reach the objective.
+    dim: d, the size of x.
+    client_lr, local_steps, optimizer: the client's base optimiser (Adam(0.01)) and T.
+    surrogate: the local GP and its exploration (``zeroth_order.SurrogateConfig``).
+    rff_features: M (10000); rff_lengthscale: l of the shared features (1.0, fixed);
+    rff_kernel: ``'se'`` (the code) or ``'matern52'``;
+    rff_noise: ridge s2 on min-max normalised values (the code: 0, minimum norm);
+    rff_points: the surrogate is fitted on this many queries nearest to x_{i,T} (500);
+    rff_explore, rff_candidates: round-end exploration (50 of 200);
+    rff_min_radius: floor of the round-end box radius;
+    rff_seed: the seed all clients draw Omega and b from.
+    gamma: ``'decay'`` (1/(tau+1)) or ``'constant'``.
+    correction: False drops the surrogate correction (local GP gradients only).
+    server_lr: eta_g.
+    bounds: ``(lower, upper)`` to project every local iterate onto that box (None: no
+      projection, as in FZooS's code).
+    name: registry name.
+  """
+  surrogate.validate()
+  zo._check_choice("gamma", gamma, zo.GAMMAS)
+  for key, val in (("rff_features", rff_features), ("rff_points", rff_points),
+                   ("rff_candidates", rff_candidates)):
+    if val < 1:
+      raise ValueError(f"{key} must be >= 1, got {val}.")
+  if not 0 <= rff_explore <= rff_candidates:
+    raise ValueError(f"rff_explore must be in [0, rff_candidates={rff_candidates}], "
+                     f"got {rff_explore}.")
+  if surrogate.buffer_size < max(surrogate.num_init, surrogate.num_explore, rff_explore) + 1:
+    raise ValueError(f"buffer_size={surrogate.buffer_size} is smaller than one step's queries.")
+  server_tx = optax.sgd(server_lr)
+  rff_key = jax.random.PRNGKey(rff_seed)
+
+  def features():
+    return zo.rff_init(rff_key, dim, rff_features, rff_lengthscale, rff_kernel)
+
+  def init_client_state(x):
+    if jnp.ndim(x) != 1 or x.shape[0] != dim:
+      raise ValueError(f"FZooS optimises a vector of size dim={dim}, got params of shape "
+                       f"{jnp.shape(x)}.")
+    return {"buffer": zo.buffer_init(surrogate.buffer_size, dim, x.dtype),
+            "nu": jnp.zeros((rff_features,), x.dtype),
+            "has_nu": jnp.zeros((), bool),
+            "lengthscale": jnp.ones((), x.dtype),
+            "queries": jnp.zeros((), jnp.int32)}
+
+  def init_extra(x):
+    return {"nu": jnp.zeros((rff_features,), x.dtype), "has_nu": jnp.zeros((), bool)}
+
+  def broadcast(state):
+    return {"params": state.params, "nu": state.extra["nu"],
+            "has_nu": state.extra["has_nu"], "rff": features()}
+
+  def init_oracle_state(down, client_state):
+    return zo.surrogate_oracle_state(client_state["buffer"], row_template,
+                                     client_state["lengthscale"])
+
+  def client_extra_args(down, client_state):
+    on = down["has_nu"] & client_state["has_nu"] & correction
+    return {"global_params": down["params"],
+            "global_surrogate": (down["rff"], down["nu"]),
+            "local_surrogate": (down["rff"], client_state["nu"]),
+            "correction_scale": on.astype(down["params"].dtype)}
+
+  def client_final(local, down, client_state):
+    x_r, x_t = down["params"], local.params
+    oracle = local.oracle_state
+    active = local.num_steps > 0
+    key = jax.random.fold_in(oracle.key, local_steps + 1)
+    f_t = value(x_t, oracle.row)
+    buffer = zo.buffer_add(oracle.buffer, x_t[None, :], f_t[None])
+    radius = jnp.maximum(jnp.mean(jnp.abs(x_r - x_t)) / 2, rff_min_radius)
+    points = zo.most_uncertain(buffer, x_t, key, radius, rff_candidates, rff_explore, surrogate,
+                               oracle.lengthscale)
+    buffer = zo.buffer_add(buffer, points, jax.vmap(value, in_axes=(0, None))(points, oracle.row))
+    xs, ys, mask = zo.buffer_nearest(buffer, x_t, rff_points)
+    nu = zo.rff_fit(down["rff"], xs, ys, mask, rff_noise).nu
+    nu = jnp.where(jnp.all(jnp.isfinite(nu)), nu, 0.0)
+    queries = oracle.queries + 1 + rff_explore
+    new_state = {"buffer": buffer, "nu": nu, "has_nu": jnp.ones((), bool),
+                 "lengthscale": oracle.lengthscale, "queries": client_state["queries"] + queries}
+    new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state,
+                             client_state)
+    up = {"delta": x_t - x_r, "nu": jnp.where(active, nu, 0.0)}
+    return up, new_state
+
+  def server_update(state, aggregate, cohort_fraction):
+    del cohort_fraction
+    state = apply_server_tx(server_tx, state, aggregate["delta"])
+    return state._replace(extra={"nu": aggregate["nu"], "has_nu": jnp.ones((), bool)})
+
+  client_tx = optax.chain(zo.surrogate_correction(rff_correction_grad, gamma),
+                          client_optimizer(optimizer, client_lr))
+  if bounds is not None:
+    client_tx = optax.chain(client_tx, zo.project_to_box(*bounds))
+  return FederatedAlgorithm(
+      name=name, oracle=zo.surrogate_oracle(value, surrogate), client_tx=client_tx,
+      server_tx=server_tx, schedule=local_schedule(local_steps), weighting="uniform",
+      init_client_state=init_client_state, init_extra=init_extra, broadcast=broadcast,
+      client_extra_args=client_extra_args, client_final=client_final,
+      server_update=server_update, init_oracle_state=init_oracle_state)
+
+
+def queries_per_round(local_steps: int, num_explore: int = 5, rff_explore: int = 50) -> int:
+  """Queries of one client in a round after its first: ``1 + T + e (T - 1) + E``."""
+  return 1 + local_steps + num_explore * (local_steps - 1) + rff_explore
+
+
+def surrogate_from_config(config) -> zo.SurrogateConfig:
+  lengthscale = config.get("lengthscale", 0.0)
+  grid = config.get("lengthscale_grid", None)
+  defaults = zo.SurrogateConfig()
+  return zo.SurrogateConfig(
+      kernel=config.get("kernel", defaults.kernel),
+      lengthscale=None if not lengthscale else float(lengthscale),
+      lengthscale_grid=tuple(grid) if grid else defaults.lengthscale_grid,
+      noise=config.get("gp_noise", defaults.noise),
+      num_points=config.get("gp_points", defaults.num_points),
+      num_init=config.get("num_init", defaults.num_init),
+      init_radius=config.get("init_radius", defaults.init_radius),
+      num_explore=config.get("num_explore", defaults.num_explore),
+      num_candidates=config.get("num_candidates", defaults.num_candidates),
+      explore_radius=config.get("explore_radius", defaults.explore_radius),
+      buffer_size=config.get("buffer_size", defaults.buffer_size))
+
+
+def from_config(config, problem):
+  """Registry entry: ``problem`` is a ``fedjax_lab.objectives.Problem``."""
+  if not hasattr(problem, "row_template"):
+    raise ValueError("fzoos needs a black-box problem (fedjax_lab.objectives.Problem) with "
+                     "row_template(), not a model loss.")
+  return fzoos(
+      _value_fn(problem), problem.row_template(), problem.dim,
+      client_lr=config.get("client_lr", 0.01), local_steps=config.get("local_steps", 10),
+      surrogate=surrogate_from_config(config),
+      rff_features=config.get("rff_features", 10000),
+      rff_lengthscale=config.get("rff_lengthscale", 1.0),
+      rff_kernel=config.get("rff_kernel", "se"), rff_noise=config.get("rff_noise", 1e-4),
+      rff_points=config.get("rff_points", 500), rff_explore=config.get("rff_explore", 50),
+      rff_candidates=config.get("rff_candidates", 200),
+      rff_seed=config.get("rff_seed", 0), gamma=config.get("gamma", "decay"),
+      correction=config.get("correction", True), server_lr=config.get("server_lr", 1.0),
+      optimizer=config.get("client_optimizer", "adam"), bounds=problem_bounds(config, problem))
