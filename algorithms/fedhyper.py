@@ -178,6 +178,17 @@ def global_rate(opt_state: PyTree) -> jax.Array:
   return 1.0 + state.accumulator
 
 
+def rate_metrics(state: ServerState) -> dict:
+  """The adapted rates for the round's metrics: ``global_rate`` (G/GM), ``local_lr`` (SL)."""
+  metrics = {}
+  if find_state(state.opt_state, FedHyperGlobalState) is not None:
+    metrics["global_rate"] = global_rate(state.opt_state)
+  sl_rate = local_rate(state.opt_state)
+  if sl_rate is not None:
+    metrics["local_lr"] = sl_rate
+  return metrics
+
+
 # ------------------------------------------------------------------------- server: SL
 
 class FedHyperServerLocalState(NamedTuple):
@@ -364,7 +375,8 @@ def on_top(algorithm: FederatedAlgorithm, rule: optax.GradientTransformation,
   name = name or f"{algorithm.name}+fedhyper"
   hook = algorithm.server_update
   if hook is None:
-    return dataclasses.replace(algorithm, name=name, server_tx=server_tx)
+    return dataclasses.replace(algorithm, name=name, server_tx=server_tx,
+                               round_metrics=rate_metrics)
 
   def server_update(state: ServerState, aggregate: dict, cohort_fraction: float) -> ServerState:
     base = hook(state._replace(opt_state=state.opt_state[1]), aggregate, cohort_fraction)
@@ -373,7 +385,7 @@ def on_top(algorithm: FederatedAlgorithm, rule: optax.GradientTransformation,
     return apply_server_tx(server_tx, state, aggregate["delta"])
 
   return dataclasses.replace(algorithm, name=name, server_tx=server_tx,
-                             server_update=server_update)
+                             server_update=server_update, round_metrics=rate_metrics)
 
 
 def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
@@ -450,7 +462,7 @@ def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
       if with_cl else None,
       init_client_state=(lambda params: jnp.ones((), jnp.float32)) if keep_client_rate else None,
       broadcast=broadcast, client_extra_args=client_extra_args, client_final=client_final,
-      server_update=server_update if with_cl else None)
+      server_update=server_update if with_cl else None, round_metrics=rate_metrics)
 
 
 # ------------------------------------------------------------------------ baselines

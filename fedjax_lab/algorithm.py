@@ -94,6 +94,8 @@ class FederatedAlgorithm:
       ``oracle.init(params)``), for oracles with a per-client history.
     step_limit: ``message_down -> int scalar``, local steps allowed this round
       (None: all of the schedule's); later steps are masked, shapes stay static.
+    round_metrics: ``state -> dict`` of scalars logged with each round's metrics
+      (e.g. a learning rate the server adapts).
     server_update: ``(state, aggregate, cohort_fraction) -> state``; None applies
       ``server_tx`` to ``-aggregate['delta']``.
   """
@@ -112,6 +114,7 @@ class FederatedAlgorithm:
   server_update: Optional[Callable[[ServerState, dict, float], ServerState]] = None
   init_oracle_state: Optional[Callable[[dict, PyTree], PyTree]] = None
   step_limit: Optional[Callable[[dict], jax.Array]] = None
+  round_metrics: Optional[Callable[[ServerState], dict]] = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
@@ -219,6 +222,8 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
                "cohort_examples": jnp.sum(sizes)}
     # Oracle counters (e.g. function queries), summed over the cohort's local steps.
     metrics.update({f"client_{k}": jnp.sum(v) for k, v in outputs["aux_totals"].items()})
+    if algorithm.round_metrics is not None:
+      metrics.update(algorithm.round_metrics(state))
     return state, metrics
 
   return round_fn

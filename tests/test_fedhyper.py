@@ -541,3 +541,26 @@ def test_sweep_helpers():
     sweep_lr.sweep(fedhyper_digits.get_config(), [0.1], methods=["nope"])
   with pytest.raises(ValueError, match="positive"):
     sweep_lr.sweep(fedhyper_digits.get_config(), [0.0])
+
+
+def test_adapted_rates_are_logged_with_each_round():
+  from fedjax_lab import training
+  data, params = linear_problem(SIZES)
+  method = fh.on_top(fedprox(linear_example_loss, client_lr=0.1, mu=0.5, server_lr=0.8,
+                             schedule=NO_SHUFFLE), fh.fedhyper_global())
+  state, history = training.train(method, jax.tree.map(jnp.asarray, params), data,
+                                  opts=training.TrainOptions(rounds=3, clients_per_round=3,
+                                                             rounds_per_call=3, progress=False))
+  def local(i, x):
+    c = data.client(i)
+    return local_sgd(x, c["x"], c["y"], 0.1, 2, 2, mu=0.5)[0]
+  rates = [1 + np_g_run(data, params, r, local, SIZES, 0.8)[1] for r in (1, 2, 3)]
+  np.testing.assert_allclose([h["global_rate"] for h in history], rates, atol=1e-5)
+  assert history[-1]["global_rate"] == pytest.approx(float(fh.global_rate(state.opt_state)))
+  sl = fh.fedhyper(linear_example_loss, 0.1, schedule=NO_SHUFFLE,
+                   server_rule=fh.fedhyper_server_local(0.1, min_lr=0.02, max_lr=0.12))
+  state, history = training.train(sl, jax.tree.map(jnp.asarray, params), data,
+                                  opts=training.TrainOptions(rounds=2, clients_per_round=3,
+                                                             progress=False))
+  assert history[-1]["local_lr"] == pytest.approx(float(fh.local_rate(state.opt_state)))
+  assert "global_rate" not in history[-1]
