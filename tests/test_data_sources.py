@@ -492,10 +492,10 @@ def test_client_stats_against_numpy():
   tv1 = 0.5 * np.abs(np.array([0, 0.75, 0.25]) - glob).sum()
   assert stats["label_skew"] == pytest.approx((tv0 + tv1) / 2)
   np.testing.assert_array_equal(fd.label_counts(data, 3), [[2, 0, 0], [0, 3, 1], [0, 0, 0]])
-  import matplotlib
-  matplotlib.use("Agg")
-  fig = fd.plot_clients(data, num_classes=3)
-  assert len(fig.axes) == 2
+  from fedjax_lab import plotting
+  fig = plotting.plot_client_statistics(data, num_classes=3)
+  bars = [p.get_height() for p in fig.axes[0].patches]
+  np.testing.assert_array_equal(bars, data.client_sizes)
 
 
 # ---------------------------------------------------------------- text

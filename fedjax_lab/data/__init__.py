@@ -25,7 +25,7 @@ __all__ = [
     "pathological", "size_partition", "linear", "square", "exponential", "natural_id",
     "inner_dirichlet", "digits", "synthetic", "synthetic_models", "load_federated",
     "load_federated_with_info", "DataInfo", "client_stats", "label_counts", "format_stats",
-    "plot_clients", "DATA_NAMES", "DATA_PREFIXES", "PARTITION_NAMES",
+    "DATA_NAMES", "DATA_PREFIXES", "PARTITION_NAMES",
 ]
 
 DATA_NAMES = ("digits", "synthetic")
@@ -328,38 +328,3 @@ def format_stats(stats: dict) -> str:
     if "label_skew" in stats:
         text += f"; label skew {stats['label_skew']:.3f}"
     return text
-
-
-def plot_clients(data: FederatedData, num_classes: Optional[int] = None, max_clients: int = 50,
-                 axes=None):
-    """Bar plots of examples per client and (with ``num_classes``) label mix per client.
-
-    Shows the first ``max_clients`` clients. Returns the matplotlib figure.
-    """
-    import matplotlib.pyplot as plt  # lazy: plotting is optional
-
-    shown = min(max_clients, data.num_clients)
-    panels = 2 if num_classes is not None else 1
-    if axes is None:
-        fig, axes = plt.subplots(panels, 1, figsize=(10, 3 * panels), squeeze=False)
-        axes = axes[:, 0]
-    else:
-        axes = np.atleast_1d(axes)
-        fig = axes[0].figure
-    clients = np.arange(shown)
-    axes[0].bar(clients, data.client_sizes[:shown], color="tab:blue")
-    axes[0].set_ylabel("examples")
-    axes[0].set_title("examples per client")
-    if num_classes is not None:
-        counts = label_counts(data, num_classes)[:shown]
-        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        bottom = np.zeros(shown)
-        cmap = plt.get_cmap("tab20", num_classes)
-        for c in range(num_classes):
-            axes[1].bar(clients, share[:, c], bottom=bottom, color=cmap(c), width=1.0)
-            bottom += share[:, c]
-        axes[1].set_ylabel("label share")
-        axes[1].set_title("label distribution per client")
-    axes[-1].set_xlabel("client")
-    fig.tight_layout()
-    return fig
