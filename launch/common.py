@@ -52,30 +52,30 @@ def build(config) -> Experiment:
       num_classes_per_partition=config.get("num_classes_per_partition", 2),
       sequence_length=config.get("sequence_length", None),
       vocab_size=config.get("vocab_size", 10000), data_dir=config.get("data_dir", None))
+  attacks = None
   if info.task == "next_token":
     # Next-token text (Shakespeare, Stack Overflow): a char LM with a per-token masked loss.
     model = text_models.char_lm(info.num_classes)
-    init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
-    method = algorithms.build(config.algorithm, config, text_models.sequence_loss(model))
-    method = robust.apply_robustness(method, config)
-    return Experiment(method, model, train_data, test_arrays, init_params,
-                      text_models.make_sequence_evaluator(model), None)
-  num_classes = info.num_classes
-  if config.model == "mlp":
-    model = models_lib.mlp(config.get("hidden", (200,)), num_classes)
+    example_loss = text_models.sequence_loss(model)
+    evaluate = text_models.make_sequence_evaluator(model)
   else:
-    model = models_lib.get(config.model, num_classes=num_classes)
+    if config.model == "mlp":
+      model = models_lib.mlp(config.get("hidden", (200,)), info.num_classes)
+    else:
+      model = models_lib.get(config.model, num_classes=info.num_classes)
+    example_loss = models_lib.classification_loss(model)
+    attacks = robust_attacks_from_config(config)
+    if attacks:
+      cfg = config.robust_eval
+      evaluate = metrics_lib.make_robust_evaluator(
+          model, attacks, batch_size=cfg.get("batch_size", 1024),
+          seed=cfg.get("seed", config.seed))
+    else:
+      evaluate = metrics_lib.make_evaluator(model)
   init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
-  method = algorithms.build(config.algorithm, config, models_lib.classification_loss(model))
+  method = algorithms.build(config.algorithm, config, example_loss)
   # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
   method = robust.apply_robustness(method, config)
-  attacks = robust_attacks_from_config(config)
-  if attacks:
-    cfg = config.robust_eval
-    evaluate = metrics_lib.make_robust_evaluator(
-        model, attacks, batch_size=cfg.get("batch_size", 1024), seed=cfg.get("seed", config.seed))
-  else:
-    evaluate = metrics_lib.make_evaluator(model)
   return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
 
 
