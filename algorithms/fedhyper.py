@@ -78,6 +78,16 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   return sum(jax.tree.leaves(products), jnp.zeros((), jnp.float32))
 
 
+def tree_cosine(a: PyTree, b: PyTree) -> jax.Array:
+  """``<a, b> / (|a| |b|)``, 0 where either is zero: the scale-free hypergradient."""
+  norms = jnp.sqrt(tree_vdot(a, a) * tree_vdot(b, b))
+  return jnp.where(norms > 0, tree_vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def _alignment(normalize: bool):
+  return tree_cosine if normalize else tree_vdot
+
+
 def _where(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(flag, x, y), new, old)
 
@@ -119,7 +129,7 @@ class FedHyperGlobalState(NamedTuple):
 
 
 def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float = 1.0,
-                    momentum: float = 0.0) -> optax.GradientTransformation:
+                    momentum: float = 0.0, normalize: bool = False) -> optax.GradientTransformation:
   """FedHyper-G: scales the pseudo-gradient by the global rate 1 + A.
 
   For round t >= 1 (g_t = -Delta_t, shapes of params):
@@ -135,6 +145,10 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
       [1/gamma, gamma] rate bounds are ``paper_bounds(gamma)``).
     hyper_lr: hypergradient step (1 in the code).
     momentum: 0 for G, 0.9 for GM.
+    normalize: use the cosine of m_{t-1} and g_t instead of their inner product
+      (Baydin et al.'s normalised rule). The inner product scales with the square of
+      the update, so from a small rate (small updates) A barely moves; the cosine
+      does not depend on the update's scale. Off in the code.
 
   Returns:
     An optax transform with state ``FedHyperGlobalState``.
@@ -145,6 +159,7 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
     raise ValueError(f"clip_lo must be > -1 so the global rate 1 + A stays positive, got {clip_lo}.")
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+  align = _alignment(normalize)
 
   def init_fn(params):
     return FedHyperGlobalState(jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
@@ -154,7 +169,7 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
     del params
     accumulator = jnp.where(
         state.count > 0,
-        jnp.clip(state.accumulator + hyper_lr * tree_vdot(state.trace, updates), clip_lo, clip_hi),
+        jnp.clip(state.accumulator + hyper_lr * align(state.trace, updates), clip_lo, clip_hi),
         state.accumulator)
     out = jax.tree.map(lambda g, m: ((1.0 + accumulator) * g + momentum * accumulator * m
                                      ).astype(g.dtype), updates, state.trace)
@@ -165,9 +180,10 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
 
 
 def fedhyper_global_momentum(momentum: float = 0.9, clip_lo: float = -0.2, clip_hi: float = 4.0,
-                             hyper_lr: float = 1.0) -> optax.GradientTransformation:
+                             hyper_lr: float = 1.0, normalize: bool = False
+                             ) -> optax.GradientTransformation:
   """FedHyper-GM: G whose hypergradient and step use the momentum m (code defaults)."""
-  return fedhyper_global(clip_lo, clip_hi, hyper_lr, momentum)
+  return fedhyper_global(clip_lo, clip_hi, hyper_lr, momentum, normalize)
 
 
 def global_rate(opt_state: PyTree) -> jax.Array:
@@ -208,7 +224,8 @@ class FedHyperServerLocalState(NamedTuple):
 
 def fedhyper_server_local(initial_lr: float, min_lr: float = 1e-3, max_lr: float = 0.1,
                           hyper_lr: float = 1.0, clip_lo: Optional[float] = None,
-                          clip_hi: Optional[float] = None) -> optax.GradientTransformation:
+                          clip_hi: Optional[float] = None, normalize: bool = False
+                          ) -> optax.GradientTransformation:
   """FedHyper-SL: the server sets the next round's local learning rate.
 
   For round t >= 1: ``A_t = A_{t-1} + hyper_lr <g_{t-1}, g_t>`` (optionally clipped) and
@@ -224,11 +241,14 @@ def fedhyper_server_local(initial_lr: float, min_lr: float = 1e-3, max_lr: float
       form is eta_0 / gamma_beta, eta_0 gamma_beta).
     hyper_lr: hypergradient step (1 in the code).
     clip_lo, clip_hi: optional bounds of A (none in the code).
+    normalize: accumulate the cosine of g_{t-1} and g_t (scale-free, see
+      ``fedhyper_global``) instead of their inner product.
   """
   if not 0 < min_lr <= max_lr:
     raise ValueError(f"Need 0 < min_lr <= max_lr, got {min_lr}, {max_lr}.")
   if initial_lr <= 0:
     raise ValueError(f"initial_lr must be positive, got {initial_lr}.")
+  align = _alignment(normalize)
 
   def init_fn(params):
     return FedHyperServerLocalState(
@@ -237,7 +257,7 @@ def fedhyper_server_local(initial_lr: float, min_lr: float = 1e-3, max_lr: float
 
   def update_fn(updates, state, params=None):
     del params
-    accumulator = state.accumulator + hyper_lr * tree_vdot(state.prev, updates)
+    accumulator = state.accumulator + hyper_lr * align(state.prev, updates)
     if clip_lo is not None or clip_hi is not None:
       accumulator = jnp.clip(accumulator, clip_lo, clip_hi)
     first = state.count == 0
@@ -288,19 +308,20 @@ class FedHyperClientState(NamedTuple):
   count: jax.Array
 
 
-CL_HYPERGRADIENTS = ("step", "direction")
+CL_HYPERGRADIENTS = ("step", "direction", "cosine")
 
 
 def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = None,
                     global_weight: Optional[float] = None, max_growth: float = 1.1,
                     min_scale: float = 0.1, max_scale: float = 10.0,
-                    hypergradient: str = "step") -> optax.GradientTransformationExtraArgs:
+                    hypergradient: str = "step", hyper_lr: float = 1.0
+                    ) -> optax.GradientTransformationExtraArgs:
   """FedHyper-CL: a per-client multiplicative local rate, reset every round (as the code).
 
   Chain it after the local direction (identity for SGD). At local step k, with
   d_k the incoming direction and Delta_{t-1} the ``global_update`` extra argument:
       s_k = -eta_0 beta_k d_k                        (emitted: the realised step)
-      gamma = min(max_growth, 1 + <s_k, s_{k-1}> + global_weight <s_k, Delta_{t-1}>)
+      gamma = min(max_growth, 1 + h (<s_k, s_{k-1}> + global_weight <s_k, Delta_{t-1}>))
       beta_{k+1} = clip(gamma beta_k, min_scale, max_scale)      for k >= 1
   with beta_0 = beta_1 = 1 and s_0 := Delta_{t-1} as the first "previous" step (step 0
   only initialises). beta is updated after emitting s_k: the rate lags one step.
@@ -308,7 +329,11 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
   ``hypergradient='step'`` measures the realised steps s_k, as the code does; their
   inner products scale with (eta_0 beta)^2, so with plain SGD and a small rate gamma
   stays near 1. ``'direction'`` measures the descent directions -d_k instead (the paper's
-  g_k . g_{k-1} form), which does not shrink with the rate.
+  g_k . g_{k-1} form), which does not shrink with the rate but grows with the gradient:
+  one opposed pair of large gradients sends beta to its floor. ``'cosine'`` replaces
+  both inner products by cosines of the directions (Baydin et al.'s normalised,
+  multiplicative rule), so gamma lies in [1 - h (1 + w), min(max_growth, 1 + h (1 + w))]
+  whatever the scale of the rate or the gradients.
 
   Args:
     learning_rate: eta_0; a ``local_lr`` extra argument (SL) overrides it.
@@ -316,7 +341,8 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
     global_weight: weight of the global term (default 0.1 / m; paper form 1 / K).
     max_growth: cap on gamma per step (1.1).
     min_scale, max_scale: bounds of beta (0.1, 10).
-    hypergradient: ``'step'`` (code) or ``'direction'`` (paper), see above.
+    hypergradient: ``'step'`` (code), ``'direction'`` (paper) or ``'cosine'``, see above.
+    hyper_lr: h, the hypergradient step (1 in the code).
 
   Returns:
     A transform whose ``update(direction, state, params, *, global_update, local_lr=None,
@@ -331,6 +357,8 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
     raise ValueError(f"Need 0 < min_scale <= 1 <= max_scale, got {min_scale}, {max_scale}.")
   if max_growth < 1.0:
     raise ValueError(f"max_growth must be >= 1, got {max_growth}.")
+  if hyper_lr < 0:
+    raise ValueError(f"hyper_lr must be >= 0, got {hyper_lr}.")
   if hypergradient not in CL_HYPERGRADIENTS:
     raise ValueError(f"Unknown hypergradient {hypergradient!r}; choose one of {CL_HYPERGRADIENTS}.")
 
@@ -350,8 +378,9 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
       state = state._replace(scale=jnp.where(first, initial_scale, state.scale))
     step = jax.tree.map(lambda u: (-lr * state.scale * u).astype(u.dtype), updates)
     measured = step if hypergradient == "step" else jax.tree.map(jnp.negative, updates)
-    gamma = jnp.minimum(max_growth, 1.0 + tree_vdot(measured, state.prev_step)
-                        + global_weight * tree_vdot(measured, global_update))
+    align = _alignment(hypergradient == "cosine")
+    gamma = jnp.minimum(max_growth, 1.0 + hyper_lr * (
+        align(measured, state.prev_step) + global_weight * align(measured, global_update)))
     scale = jnp.where(first, state.scale, jnp.clip(gamma * state.scale, min_scale, max_scale))
     prev_step = _where(first, global_update, measured)
     return step, FedHyperClientState(scale, prev_step, state.count + 1)
@@ -531,21 +560,22 @@ def _option(config, key, default):
 
 
 def global_rule_from_config(config, momentum: bool) -> optax.GradientTransformation:
+  normalize = config.get("fedhyper_normalize", False)
   if momentum:
     return fedhyper_global_momentum(config.get("fedhyper_momentum", 0.9),
                                     _option(config, "fedhyper_clip_lo", -0.2),
                                     _option(config, "fedhyper_clip_hi", 4.0),
-                                    config.get("fedhyper_hyper_lr", 1.0))
+                                    config.get("fedhyper_hyper_lr", 1.0), normalize)
   return fedhyper_global(_option(config, "fedhyper_clip_lo", -0.8),
                          _option(config, "fedhyper_clip_hi", 4.0),
-                         config.get("fedhyper_hyper_lr", 1.0))
+                         config.get("fedhyper_hyper_lr", 1.0), normalize=normalize)
 
 
 def client_rule_from_config(config) -> optax.GradientTransformationExtraArgs:
   return fedhyper_client(config.client_lr, config.clients_per_round,
                          config.get("cl_global_weight"), config.get("cl_max_growth", 1.1),
                          config.get("cl_min_scale", 0.1), config.get("cl_max_scale", 10.0),
-                         config.get("cl_hypergradient", "step"))
+                         config.get("cl_hypergradient", "step"), config.get("cl_hyper_lr", 1.0))
 
 
 def _baseline(config, example_loss, name):
@@ -577,7 +607,8 @@ def from_config_for(variant: str):
     if variant == "sl":
       server_rule = fedhyper_server_local(config.client_lr, config.get("sl_min_lr", 1e-3),
                                           config.get("sl_max_lr", 0.1),
-                                          config.get("fedhyper_hyper_lr", 1.0))
+                                          config.get("fedhyper_hyper_lr", 1.0),
+                                          normalize=config.get("fedhyper_normalize", False))
     elif variant in ("g_cl", "full"):
       server_rule = global_rule_from_config(config, variant == "full")
     client_rule = client_rule_from_config(config) if variant in ("cl", "g_cl", "full") else None

@@ -33,12 +33,18 @@ def dot(a, b):
   return float(sum(np.sum(np.asarray(a[k], np.float64) * np.asarray(b[k], np.float64)) for k in a))
 
 
-def np_global(gs, lo, hi, hyper_lr=1.0, momentum=0.0):
+def cosine(a, b):
+  norms = np.sqrt(dot(a, a) * dot(b, b))
+  return dot(a, b) / norms if norms > 0 else 0.0
+
+
+def np_global(gs, lo, hi, hyper_lr=1.0, momentum=0.0, normalize=False):
   """Outputs and accumulators of G/GM for the pseudo-gradients ``gs`` (list of dicts)."""
   acc, trace, outs, accs = 0.0, None, [], []
+  align = cosine if normalize else dot
   for t, g in enumerate(gs):
     if t > 0:
-      acc = float(np.clip(acc + hyper_lr * dot(trace, g), lo, hi))
+      acc = float(np.clip(acc + hyper_lr * align(trace, g), lo, hi))
     if trace is None:
       trace = {k: np.zeros_like(v) for k, v in g.items()}
     outs.append({k: (1 + acc) * g[k] + momentum * acc * trace[k] for k in g})
@@ -48,14 +54,15 @@ def np_global(gs, lo, hi, hyper_lr=1.0, momentum=0.0):
 
 
 def np_cl_steps(directions, lr, global_update, weight, max_growth=1.1, lo=0.1, hi=10.0,
-                measure="step"):
+                measure="step", hyper_lr=1.0):
   """CL on fixed directions: the emitted steps and beta after each step."""
   beta, prev, steps, betas = 1.0, global_update, [], []
+  align = cosine if measure == "cosine" else dot
   for k, d in enumerate(directions):
     step = {n: -lr * beta * d[n] for n in d}
     v = step if measure == "step" else {n: -d[n] for n in d}
     if k > 0:
-      gamma = min(max_growth, 1 + dot(v, prev) + weight * dot(v, global_update))
+      gamma = min(max_growth, 1 + hyper_lr * (align(v, prev) + weight * align(v, global_update)))
       beta = float(np.clip(gamma * beta, lo, hi))
       prev = v
     steps.append(step)
@@ -323,6 +330,40 @@ def test_cl_transform_matches_numpy_growth_cap_and_bounds():
                        global_update={"w": np.zeros(3, np.float32)})
   betas = np.array([float(s.scale) for s in states])
   assert betas.min() == pytest.approx(0.1) and np.all(betas >= 0.1 - 1e-7)
+
+
+def test_cosine_rules_match_numpy_and_do_not_depend_on_scale():
+  # G with normalize=True accumulates cosines: the same for g and 1e-3 g.
+  gs = random_trees(5, seed=11)
+  gs = [{k: v + 2.0 for k, v in g.items()} for g in gs]   # mostly aligned
+  for scale in (1.0, 1e-3):
+    scaled = [{k: scale * v for k, v in g.items()} for g in gs]
+    outs, states = apply_tx(fh.fedhyper_global(hyper_lr=0.3, normalize=True), scaled)
+    ref_outs, ref_accs = np_global(scaled, -0.8, 4.0, hyper_lr=0.3, normalize=True)
+    for out, ref, s, acc in zip(outs, ref_outs, states, ref_accs):
+      tree_close(out, ref, atol=1e-6 * scale)
+      assert float(s.accumulator) == pytest.approx(acc, abs=1e-5)
+    assert 0.3 < ref_accs[-1] < 4.0   # moved, and not by the update's size
+  # CL with cosines: beta follows numpy, and gamma stays within 1 +- h (1 + w).
+  ds = random_trees(10, seed=12)
+  ds = [{k: v + 0.3 for k, v in d.items()} for d in ds]
+  gu = random_trees(1, seed=13)[0]
+  for lr in (0.5, 5e-4):
+    outs, states = apply_tx(fh.fedhyper_client(lr, global_weight=0.5, hypergradient="cosine",
+                                               hyper_lr=0.1), ds, global_update=gu)
+    ref_steps, ref_betas = np_cl_steps(ds, lr, gu, 0.5, measure="cosine", hyper_lr=0.1)
+    for out, ref, s, b in zip(outs, ref_steps, states, ref_betas):
+      tree_close(out, ref, atol=1e-6)
+      assert float(s.scale) == pytest.approx(b, rel=1e-5)
+    ratios = np.array(ref_betas[1:]) / np.array(ref_betas[:-1])
+    assert np.all(ratios >= 1 - 0.1 * 1.5 - 1e-6) and np.all(ratios <= 1.1 + 1e-6)
+    assert len(set(np.round(ratios, 4))) > 2   # beta really moves at either rate
+  # The SL accumulator with normalize=True adds cosines of consecutive pseudo-gradients.
+  tx = fh.fedhyper_server_local(0.01, 1e-4, 1.0, hyper_lr=0.5, normalize=True)
+  outs, states = apply_tx(tx, gs[:3])
+  expected = 0.5 * (cosine(gs[0], gs[1]) + cosine(gs[1], gs[2]))
+  assert float(states[-1].accumulator) == pytest.approx(expected, abs=1e-5)
+  assert float(states[-1].local_lr) == pytest.approx(0.01 * (1 + expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("eta_h,x0,decreases", [(0.3, 1e4, False), (0.95, 1e4, True)])

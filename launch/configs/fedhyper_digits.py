@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.fedhyper_clip_lo = config_dict.placeholder(float)   # None: -0.8 (G), -0.2 (GM)
   config.fedhyper_clip_hi = config_dict.placeholder(float)   # None: 4.0
   config.fedhyper_hyper_lr = 1.0
+  config.fedhyper_normalize = False  # True: cosine of the updates (scale-free) for G/GM/SL
   config.fedhyper_momentum = 0.9     # GM
   # FedHyper-SL: local rate clip(eta_0 (1 + A), sl_min_lr, sl_max_lr).
   config.sl_min_lr = 1e-3
@@ -40,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.cl_min_scale = 0.1
   config.cl_max_scale = 10.0
   config.cl_global_weight = config_dict.placeholder(float)   # None: 0.1 / clients_per_round
-  config.cl_hypergradient = "step"   # 'step': realised steps (code); 'direction': gradients (paper)
+  # 'step': realised steps (code); 'direction': gradients (paper); 'cosine': scale-free.
+  config.cl_hypergradient = "step"
+  config.cl_hyper_lr = 1.0
   config.cl_reset = True             # False: each client keeps its beta across rounds
   # Baselines.
   config.decay_rate = 0.995          # fedavg_decay: rates times decay_rate ** t
