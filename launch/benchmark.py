@@ -37,6 +37,10 @@ _QUICK = flags.DEFINE_bool("quick", False, "Small settings (under 3 minutes on 2
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per system (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the sweep plot.")
 _WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
+_PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
+                           "workload, each in its own venv (see launch/peers).")
+_PEERS_DIR = flags.DEFINE_string("peers_dir", None, "Folder of the peer venvs (default "
+                                 "$FEDJAX_LAB_PEERS_DIR or ~/.cache/fedjax_lab/peers).")
 
 
 def _block(tree):
@@ -259,15 +263,27 @@ def main(argv):
     sweep = cohort_sweep(quick, repeats)
     for row in sweep:
       print(json.dumps(row), flush=True)
+  peer_rows = []
+  if _PEERS.value:
+    import tempfile
+    from launch.peers import add_peer_ratios, run_peers
+    with tempfile.TemporaryDirectory() as workdir:
+      peer_rows = run_peers(workdir, repeats, data=equal_digits_population(50, 30),
+                            root=_PEERS_DIR.value)
+    add_peer_ratios(rows, peer_rows)
+    for row in peer_rows:
+      print(json.dumps(row), flush=True)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "benchmarks.json"), "w") as f:
-      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep}, f, indent=1)
+      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep + peer_rows},
+                f, indent=1)
     if sweep:
       plot_sweep(sweep, os.path.join(_OUT.value, "benchmark_cohort_sweep.png"))
   summary = {"devices": jax.device_count(), "quick": quick}
   for row in rows + sweep:
-    for key in ("round_over_limit", "loop_over_vmap", "naive_over_ours"):
+    for key in ("round_over_limit", "loop_over_vmap", "naive_over_ours",
+                "fedjax_default_over_ours", "flower_over_ours"):
       if key in row:
         summary[f"{row['workload']}.{key}"] = round(row[key], 3)
   print(json.dumps(summary))
