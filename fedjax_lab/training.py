@@ -14,6 +14,7 @@ import tqdm
 
 from fedjax_lab import algorithm as algorithm_lib
 from fedjax_lab import checkpoint as checkpoint_lib
+from fedjax_lab import distributed
 from fedjax_lab import metrics as metrics_lib
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.data.federated import FederatedData
@@ -84,11 +85,18 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
     resumed_from = checkpointer.latest_round()
     if resumed_from is not None:
       state = checkpointer.restore(state)
+  lead = distributed.is_lead_process()
+  if opts.backend == "sharded" and jax.process_count() > 1:
+    # Global arrays replicated over every process's devices (a restore lands on one
+    # local device, which a multi-process jit refuses).
+    state, arrays, offsets = distributed.replicate((state, arrays, offsets))
+    distributed.check_same_on_all_processes((state, arrays, offsets), "initial state and data")
+  if opts.workdir and lead:   # checkpoints are collective; metrics are written once
     writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed_from)
 
   history: list[dict] = []
   current = int(state.round)
-  bar = tqdm.tqdm(total=opts.rounds, initial=min(current, opts.rounds), disable=not opts.progress,
+  bar = tqdm.tqdm(total=opts.rounds, initial=min(current, opts.rounds), disable=not (opts.progress and lead),
                   desc=algorithm.name, unit="round", dynamic_ncols=True)
   try:
     while current < opts.rounds:
@@ -118,7 +126,7 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       if writer:
         for record in records:
           writer.write(record)
-      for extra_writer in opts.writers:
+      for extra_writer in (opts.writers if lead else ()):
         for record in records:
           extra_writer.write(record)
       history.extend(records)
