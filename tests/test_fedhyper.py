@@ -605,3 +605,24 @@ def test_adapted_rates_are_logged_with_each_round():
                                                              progress=False))
   assert history[-1]["local_lr"] == pytest.approx(float(fh.local_rate(state.opt_state)))
   assert "global_rate" not in history[-1]
+
+
+@pytest.mark.slow
+def test_scale_free_rules_rescue_a_bad_local_rate_on_digits():
+  # fedhyper_digits.py, local rate 0.1x the tuned 0.05, 100 rounds, seed 0.
+  from launch import common
+  from launch.configs import fedhyper_digits
+
+  def final_accuracy(**overrides):
+    config = fedhyper_digits.get_config()
+    config.client_lr = 0.005
+    config.update(overrides)
+    return common.run(config, None, False)[2]["test_accuracy"]
+
+  fedavg_acc = final_accuracy(algorithm="fedavg")
+  code_acc = final_accuracy(algorithm="fedhyper_g_cl")
+  scale_free_acc = final_accuracy(
+      algorithm="fedhyper_g_cl", cl_hypergradient="cosine", cl_hyper_lr=0.1, cl_reset=False,
+      fedhyper_normalize=True, fedhyper_hyper_lr=0.1)
+  assert fedavg_acc < 0.9 and code_acc < fedavg_acc + 0.03
+  assert scale_free_acc >= fedavg_acc + 0.05, (fedavg_acc, code_acc, scale_free_acc)
