@@ -34,6 +34,7 @@ class TrainOptions:
   rounds: int
   clients_per_round: int
   backend: str = "vmap"
+  chunk_size: Optional[int] = None  # clients vectorised at once (None: the whole cohort)
   seed: int = 0
   eval_every: int = 10
   checkpoint_every: int = 0         # 0: only at the end (when a workdir is given)
@@ -74,7 +75,8 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   """
   if opts.rounds < 0:
     raise ValueError(f"rounds must be >= 0, got {opts.rounds}.")
-  round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend)
+  round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
+                                      chunk_size=opts.chunk_size)
   run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend)
   arrays, offsets = data.device_arrays()
   state = algorithm.init(init_params, jax.random.PRNGKey(opts.seed), data.num_clients)

@@ -4,6 +4,7 @@
     python -m launch.train --config=launch/configs/fedavg_digits.py --config.rounds=300
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -34,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.server_tau = 1e-3
   # Execution.
   config.backend = "vmap"
+  config.chunk_size = config_dict.placeholder(int)   # clients vectorised at once (large cohorts)
   config.rounds_per_call = 10
   config.seed = 0
   config.eval_every = 20
