@@ -9,6 +9,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -35,6 +36,10 @@ class TrainOptions:
   clients_per_round: int
   backend: str = "vmap"
   chunk_size: Optional[int] = None  # clients vectorised at once (None: the whole cohort)
+  # Update the state (the client-state table above all) in place instead of copying it
+  # every call. The state before a non-finite round is then gone: the last checkpoint
+  # is the last good state on disk.
+  donate_state: bool = False
   seed: int = 0
   eval_every: int = 10
   checkpoint_every: int = 0         # 0: only at the end (when a workdir is given)
@@ -77,7 +82,7 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
     raise ValueError(f"rounds must be >= 0, got {opts.rounds}.")
   round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
                                       chunk_size=opts.chunk_size)
-  run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend)
+  run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend, opts.donate_state)
   arrays, offsets = data.device_arrays()
   state = algorithm.init(init_params, jax.random.PRNGKey(opts.seed), data.num_clients)
 
@@ -96,6 +101,8 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   if opts.workdir and lead:   # checkpoints are collective; metrics are written once
     writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed_from)
 
+  if opts.donate_state and opts.backend != "loop":
+    state = jax.tree.map(jnp.copy, state)   # donation must not consume the caller's params
   history: list[dict] = []
   current = int(state.round)
   bar = tqdm.tqdm(total=opts.rounds, initial=min(current, opts.rounds), disable=not (opts.progress and lead),
@@ -109,7 +116,12 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       if bad.size:
         first_bad = current + int(bad[0]) + 1
         where = ""
-        if checkpointer:
+        if opts.donate_state:   # the input state was donated to new_state
+          saved = checkpointer.latest_round() if checkpointer else None
+          where = (" With donate_state the state before it is not kept; " +
+                   (f"the last checkpoint is round {saved} in {checkpointer.directory}."
+                    if saved is not None else "there is no checkpoint."))
+        elif checkpointer:
           checkpointer.save(current, state)
           where = f" It is saved in {checkpointer.directory} (round {current})."
         raise NonFiniteLossError(

@@ -89,7 +89,7 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
   exp = build(config)
   opts = training.TrainOptions(
       rounds=config.rounds, clients_per_round=config.clients_per_round, backend=config.backend,
-      chunk_size=config.get("chunk_size"),
+      chunk_size=config.get("chunk_size"), donate_state=config.get("donate_state", False),
       seed=config.seed, eval_every=config.eval_every,
       checkpoint_every=config.get("checkpoint_every", 0),
       rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress,

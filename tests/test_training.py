@@ -43,6 +43,24 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, rounds_per_call)
   assert [line["round"] for line in lines] == list(range(1, 11))
 
 
+def test_donated_state_gives_the_same_run_and_leaves_params_usable(tmp_path):
+  method = scaffold(linear_example_loss, 0.05, 1.0, LocalSchedule(batch_size=2, epochs=2))
+  data, params = linear_problem((5, 3, 7, 2, 9, 4), seed=4)
+  params = jax.tree.map(jnp.asarray, params)
+  runs = []
+  for donate in (False, True):
+    opts = training.TrainOptions(rounds=6, clients_per_round=3, rounds_per_call=2,
+                                 progress=False, donate_state=donate)
+    runs.append(training.train(method, params, data, opts=opts)[0])
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(not leaf.is_deleted() for leaf in jax.tree.leaves(params))
+  # With donation a non-finite round names the last checkpoint as the last good state.
+  diverging = algorithms.fedavg.fedavg(linear_example_loss, 50.0, 1.0, LocalSchedule(batch_size=2))
+  with pytest.raises(training.NonFiniteLossError, match=r"last checkpoint is round 2 in"):
+    small_run(diverging, str(tmp_path / "nan"), 100, checkpoint_every=2, donate_state=True)
+
+
 def test_resume_restores_server_optimizer_state(tmp_path):
   method = fedopt(linear_example_loss, "adam", 0.05, 0.01, LocalSchedule(batch_size=2))
   straight, _ = small_run(method, str(tmp_path / "a"), 6)

@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution.
   config.backend = "vmap"
   config.chunk_size = config_dict.placeholder(int)   # clients vectorised at once (large cohorts)
+  config.donate_state = False        # True: update the state in place (large client-state tables)
   config.rounds_per_call = 10
   config.seed = 0
   config.eval_every = 20
