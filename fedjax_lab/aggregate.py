@@ -2,8 +2,14 @@
 
 Each runs inside the mapped region: with ``axis_name`` set, the clients axis is split
 over devices and the partial sums are combined with ``psum``.
+
+Aggregators that are weighted sums (``weighted_mean``, ``norm_bounded_mean``) also
+carry a ``SumStream``: a chunked client map then adds each chunk's messages to a
+running sum and never holds the ``[C, ...]`` stack. Their ``update`` is the stream
+run over the whole cohort at once (``from_stream``), so the two agree by
+construction. The robust statistics need every message at once and have none.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import chex
 import jax
@@ -11,7 +17,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.transforms import Aggregator
+from fedjax_lab.transforms import Aggregator, SumStream
 
 
 def weighted_sum(messages, weights: jax.Array, axis_name: Optional[str] = None):
@@ -25,17 +31,62 @@ def weighted_sum(messages, weights: jax.Array, axis_name: Optional[str] = None):
   return total, weight
 
 
+def message_shapes(messages):
+  """One client's message as ``jax.ShapeDtypeStruct`` leaves (the clients axis dropped)."""
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape[1:], m.dtype), messages)
+
+
+def from_stream(stream: SumStream, init: Callable[[], object] = lambda: ()) -> Aggregator:
+  """The aggregator whose ``update`` runs ``stream`` over all the clients in one chunk."""
+  def update(messages, weights, state, axis_name=None):
+    acc = stream.add(stream.zero(message_shapes(messages)), messages, weights, state)
+    return stream.finish(acc, state, axis_name)
+
+  return Aggregator(init=init, update=update, stream=stream)
+
+
+def mean_stream(transform: Optional[Callable] = None,
+                reweigh: Optional[Callable] = None) -> SumStream:
+  """``sum_i w_i t(m_i) / sum_i w_i`` as a running sum over chunks of clients.
+
+  Args:
+    transform: ``messages [K, ...] -> messages [K, ...]``, applied to each client
+      on its own (e.g. clipping); None keeps the messages.
+    reweigh: ``weights [K] -> weights [K]`` elementwise, mapping 0 to 0; None keeps
+      them.
+
+  The accumulator is ``(sum_i w_i t(m_i), sum_i w_i)``, float32 for the weight sum.
+  """
+  def zero(shapes):
+    return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            jnp.zeros((), jnp.float32))
+
+  def add(acc, messages, weights, state):
+    del state
+    if transform is not None:
+      messages = transform(messages)
+    if reweigh is not None:
+      weights = reweigh(weights)
+    total, weight = weighted_sum(messages, weights)
+    return (jax.tree.map(jnp.add, acc[0], total), acc[1] + weight.astype(acc[1].dtype))
+
+  def finish(acc, state, axis_name=None):
+    total, weight = acc
+    if axis_name is not None:
+      total, weight = jax.lax.psum((total, weight), axis_name)
+    mean = jax.tree.map(lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
+    return mean, state
+
+  return SumStream(zero=zero, add=add, finish=finish)
+
+
 def weighted_mean() -> Aggregator:
   """``sum_i w_i m_i / sum_i w_i`` (FedAvg's aggregation, McMahan et al. 2017).
 
   Zero-weight (padding) clients do not contribute; an all-zero cohort gives zeros.
+  Streams (``mean_stream``).
   """
-  def update(messages, weights, state, axis_name=None):
-    total, weight = weighted_sum(messages, weights, axis_name)
-    mean = jax.tree.map(lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
-    return mean, state
-
-  return Aggregator(init=lambda: (), update=update)
+  return from_stream(mean_stream())
 
 
 # ---------------------------------------------------------------------------
@@ -277,16 +328,12 @@ def norm_bounded_mean(max_norm: float, weighted: bool = True) -> Aggregator:
 
   Norm bounding (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated
   Learning?", 2019): ``sum_i w_i m_i min(1, M / ||m_i||) / sum_i w_i``. Only sums
-  cross devices (``psum``), no all-gather.
+  cross devices (``psum``), no all-gather. Streams (clipping is per client).
   """
   if not max_norm > 0:
     raise ValueError(f"norm_bounded_mean needs max_norm > 0, got {max_norm}.")
-
-  def update(messages, weights, state, axis_name=None):
-    clipped, _ = clip_clients(messages, max_norm)
-    return weighted_mean().update(clipped, _statistic_weights(weights, weighted), state, axis_name)
-
-  return Aggregator(init=lambda: (), update=update)
+  return from_stream(mean_stream(transform=lambda m: clip_clients(m, max_norm)[0],
+                                 reweigh=lambda w: _statistic_weights(w, weighted)))
 
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",

@@ -15,8 +15,11 @@ mapped region, so on many devices only the aggregate leaves each device (``psum`
 ``chunk_size`` bounds the memory of large cohorts for ``vmap`` and ``sharded``: the
 (per-device) clients run as vmapped chunks of ``chunk_size``, one chunk after another
 (``map_clients``), so the intermediates of local training exist for one chunk at a
-time; only the stacked messages and outputs ``[C, ...]`` stay whole, and the
-aggregator still sees them all inside the mapped region.
+time. An aggregator with a ``stream`` (a weighted sum: ``weighted_mean``,
+``norm_bounded_mean``) then adds each chunk's messages to a running sum
+(``map_clients_streaming``), so the messages never exist for all ``C`` clients at
+once; the other outputs (client states, losses, weights) stay stacked ``[C, ...]``.
+Other aggregators (median, Krum, ...) see all the stacked messages.
 """
 from typing import Callable, Optional, Sequence
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fedjax_lab.transforms import Aggregator
+from fedjax_lab.transforms import Aggregator, SumStream
 
 CLIENTS_AXIS = "clients"
 BACKENDS = ("loop", "vmap", "sharded")
@@ -63,6 +66,41 @@ def validate_chunk_size(chunk_size: Optional[int]) -> None:
                      f"vmap), got {chunk_size!r}.")
 
 
+def _scan_chunks(chunk_fn: Callable, per_client, size: int, carry):
+  """``lax.scan`` of ``chunk_fn`` over the chunks of ``size`` clients of ``per_client``.
+
+  ``chunk_fn(carry, chunk, fresh) -> (carry, stacked)``: ``chunk`` is ``per_client``'s
+  slice ``[size, ...]`` and ``fresh`` bool ``[size]`` is False for the clients an
+  earlier chunk already ran (the last chunk's overlap). ``stacked`` (leaves
+  ``[size, ...]``) is written into ``[C, ...]`` buffers in client order.
+
+  Returns:
+    ``(carry, stacked [C, ...])``.
+  """
+  count = jax.tree.leaves(per_client)[0].shape[0]
+
+  def chunk_at(start):
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), per_client)
+
+  one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype),
+                           per_client)
+  fresh_shape = jax.ShapeDtypeStruct((size,), jnp.bool_)
+  shapes = jax.eval_shape(chunk_fn, carry, one_chunk, fresh_shape)[1]
+  buffers = jax.tree.map(lambda s: jnp.zeros((count,) + s.shape[1:], s.dtype), shapes)
+
+  def step(state, index):
+    carry, buffers = state
+    # The last chunk ends at the cohort's end; it may start inside the one before.
+    start = jnp.minimum(index * size, count - size)
+    fresh = start + jnp.arange(size) >= index * size
+    carry, stacked = chunk_fn(carry, chunk_at(start), fresh)
+    buffers = jax.tree.map(lambda b, o: jax.lax.dynamic_update_slice_in_dim(b, o, start, 0),
+                           buffers, stacked)
+    return (carry, buffers), None
+
+  return jax.lax.scan(step, (carry, buffers), jnp.arange(-(-count // size)))[0]
+
+
 def map_clients(client_fn: Callable, shared, per_client, chunk_size: Optional[int] = None):
   """``client_fn(shared, .)`` over the leading clients axis of ``per_client``.
 
@@ -86,24 +124,38 @@ def map_clients(client_fn: Callable, shared, per_client, chunk_size: Optional[in
   vmapped = jax.vmap(client_fn, in_axes=(None, 0))
   if chunk_size is None or chunk_size >= count:
     return vmapped(shared, per_client)
-  size = int(chunk_size)
+  return _scan_chunks(lambda carry, chunk, fresh: (carry, vmapped(shared, chunk)),
+                      per_client, int(chunk_size), ())[1]
 
-  def chunk_at(start):
-    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), per_client)
 
-  one_chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype),
-                           per_client)
-  shapes = jax.eval_shape(vmapped, shared, one_chunk)
-  buffers = jax.tree.map(lambda s: jnp.zeros((count,) + s.shape[1:], s.dtype), shapes)
+def map_clients_streaming(client_fn: Callable, shared, per_client, stream: SumStream,
+                          agg_state, chunk_size: Optional[int] = None):
+  """``map_clients`` whose messages go into ``stream``'s running sum, not a stack.
 
-  def step(buffers, index):
-    start = jnp.minimum(index * size, count - size)
-    outputs = vmapped(shared, chunk_at(start))
-    buffers = jax.tree.map(lambda b, o: jax.lax.dynamic_update_slice_in_dim(b, o, start, 0),
-                           buffers, outputs)
-    return buffers, None
+  Args:
+    client_fn: ``(shared, one_client) -> (message_up, weight, outputs)``.
+    stream: the aggregator's ``SumStream``; its accumulator is the scan's carry.
+    agg_state: the aggregator state ``stream.add`` reads (e.g. a clip norm).
+    chunk_size: clients per chunk (None, or ``C`` or more: one chunk).
 
-  return jax.lax.scan(step, buffers, jnp.arange(-(-count // size)))[0]
+  Returns:
+    ``(acc, outputs)``: the accumulator over all ``C`` clients, each added once (the
+    clients the last chunk recomputes are added with weight 0), not yet
+    ``stream.finish``-ed; ``outputs`` stacked ``[C, ...]``.
+  """
+  validate_chunk_size(chunk_size)
+  count = jax.tree.leaves(per_client)[0].shape[0]
+  size = count if chunk_size is None else min(int(chunk_size), count)
+  vmapped = jax.vmap(client_fn, in_axes=(None, 0))
+  one_client = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), per_client)
+  message_shapes = jax.eval_shape(client_fn, shared, one_client)[0]
+
+  def chunk_fn(acc, chunk, fresh):
+    messages, weights, outputs = vmapped(shared, chunk)
+    weights = jnp.where(fresh, weights, jnp.zeros_like(weights))
+    return stream.add(acc, messages, weights, agg_state), outputs
+
+  return _scan_chunks(chunk_fn, per_client, size, stream.zero(message_shapes))
 
 
 def _stack(trees):
@@ -116,7 +168,7 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
 
   Args:
     client_fn: ``(shared, one_client) -> (message_up, weight, outputs)``; pure.
-    aggregator: reduces the stacked ``message_up`` with the weights.
+    aggregator: reduces the ``message_up`` with the weights (stacked, or streamed).
     backend: one of ``BACKENDS``.
     mesh: device mesh for ``sharded`` (default: all local devices).
     chunk_size: clients vectorised at once, per device (None: all of them). Bounds
@@ -124,17 +176,27 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
       already runs one client at a time.
 
   ``per_client`` leaves have a leading clients axis ``[C, ...]``; ``outputs`` comes
-  back stacked the same way.
+  back stacked the same way. With ``chunk_size`` below the (per-device) cohort and
+  an aggregator that has a ``stream``, the messages are summed chunk by chunk
+  (``map_clients_streaming``) and never stacked.
   """
   validate_backend(backend)
   validate_chunk_size(chunk_size)
 
-  if backend == "vmap":
-    def vmapped(shared, per_client, agg_state):
-      messages, weights, outputs = map_clients(client_fn, shared, per_client, chunk_size)
-      aggregate, agg_state = aggregator.update(messages, weights, agg_state, None)
+  def map_and_aggregate(shared, per_client, agg_state, axis_name):
+    count = jax.tree.leaves(per_client)[0].shape[0]
+    if aggregator.stream is not None and chunk_size is not None and chunk_size < count:
+      acc, outputs = map_clients_streaming(client_fn, shared, per_client, aggregator.stream,
+                                           agg_state, chunk_size)
+      aggregate, agg_state = aggregator.stream.finish(acc, agg_state, axis_name)
       return aggregate, outputs, agg_state
-    return vmapped
+    messages, weights, outputs = map_clients(client_fn, shared, per_client, chunk_size)
+    aggregate, agg_state = aggregator.update(messages, weights, agg_state, axis_name)
+    return aggregate, outputs, agg_state
+
+  if backend == "vmap":
+    return lambda shared, per_client, agg_state: map_and_aggregate(
+        shared, per_client, agg_state, None)
 
   if backend == "loop":
     jitted = jax.jit(client_fn)
@@ -152,9 +214,7 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
 
   def per_device(shared, per_client, agg_state):
     # per_client holds this device's clients only, so chunks are per device.
-    messages, weights, outputs = map_clients(client_fn, shared, per_client, chunk_size)
-    aggregate, agg_state = aggregator.update(messages, weights, agg_state, CLIENTS_AXIS)
-    return aggregate, outputs, agg_state
+    return map_and_aggregate(shared, per_client, agg_state, CLIENTS_AXIS)
 
   sharded = jax.shard_map(
       per_device, mesh=mesh,

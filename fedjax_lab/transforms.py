@@ -11,7 +11,8 @@ A federated algorithm composes four pieces:
   ``control``); optax's ``chain`` forwards them to the transforms that take them.
 * ``Aggregator``: stacked client messages ``[C, ...]`` and weights ``[C]`` -> one
   message. It receives ``axis_name`` when the clients are sharded over devices, and
-  must then reduce across that axis itself (``psum`` / ``all_gather``).
+  must then reduce across that axis itself (``psum`` / ``all_gather``). Weighted
+  sums also come as a ``SumStream``, which a chunked client map accumulates.
 * server transform: any optax transform, applied to the pseudo-gradient
   ``-aggregated_delta``; ``optax.sgd(1.0)`` is FedAvg's server.
 
@@ -37,6 +38,26 @@ class GradientOracle(NamedTuple):
   update: Callable[[Params, Batch, PRNGKey, PyTree], tuple[Params, dict, PyTree]]
 
 
+class SumStream(NamedTuple):
+  """An aggregation that is a sum over clients, computed a chunk of clients at a time.
+
+  zero: ``message_shapes -> acc``; ``message_shapes`` is one client's message as
+    ``jax.ShapeDtypeStruct`` leaves (no clients axis).
+  add: ``(acc, messages [K, ...], weights [K], state) -> acc`` for a chunk of ``K``
+    clients; ``acc`` keeps its shapes and dtypes. A client of weight 0 must add
+    nothing (padding, and clients a chunk recomputes, are passed with weight 0).
+  finish: ``(acc, state, axis_name) -> (aggregate, state)``; with ``axis_name`` set it
+    sums ``acc`` over the devices first (``psum``), then e.g. divides by the total
+    weight.
+
+  ``finish(add(zero(shapes), messages, weights, state), state, axis_name)`` must be
+  the aggregator's ``update``, up to the order of the floating-point sums.
+  """
+  zero: Callable[[PyTree], PyTree]
+  add: Callable[[PyTree, PyTree, jax.Array, PyTree], PyTree]
+  finish: Callable[[PyTree, PyTree, Optional[str]], tuple[PyTree, PyTree]]
+
+
 class Aggregator(NamedTuple):
   """Reduces stacked client messages to one.
 
@@ -44,9 +65,16 @@ class Aggregator(NamedTuple):
   update: ``(messages [C, ...], weights [C], state, axis_name) -> (aggregate, state)``.
     ``axis_name`` is None on one device; otherwise the clients axis is sharded over
     devices and the reduction must include a collective over it.
+  stream: the same aggregation as a running sum (``SumStream``), or None when it
+    needs all messages at once (median, Krum, ...). With it, a chunked client map
+    (``parallel.make_mapper(chunk_size=...)``) adds each chunk's messages to an
+    accumulator instead of stacking all ``C`` of them. A wrapper that changes
+    ``update`` builds a new ``Aggregator(init, update)`` (no stream) rather than
+    ``_replace(update=...)``, which would keep a stream that bypasses it.
   """
   init: Callable[[], PyTree]
   update: Callable[[PyTree, jax.Array, PyTree, Optional[str]], tuple[PyTree, PyTree]]
+  stream: Optional[SumStream] = None
 
 
 class ProximalState(NamedTuple):

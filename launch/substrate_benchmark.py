@@ -2,12 +2,17 @@
 
     python -m launch.substrate_benchmark --quick     # cohorts 100 and 1,000, < 2 minutes
     python -m launch.substrate_benchmark             # adds a cohort of 10,000
+    python -m launch.substrate_benchmark --cohorts=1000,10000 --systems=vmap \
+        --chunks=16,64 --stacked --check_devices=0    # streamed vs stacked messages
 
 On the cohort-sweep workload of ``launch.benchmark`` (MLP 64-128-10 on 8x8 inputs,
 clients of 10 examples, batch 10, one local epoch, every client in every round), one
 process times FedAvg rounds, each compiled once, built by ``make_round`` with:
 
-* ``vmap``: our vmapped mapper, unchunked and with ``chunk_size`` 16 / 64 / 256;
+* ``vmap``: our vmapped mapper, unchunked and with ``chunk_size`` 16 / 64 / 256
+  (chunked, FedAvg's weighted mean is accumulated chunk by chunk); with
+  ``--stacked`` also ``vmap_stacked``: the same chunks with the aggregator's stream
+  removed, so the ``[C, ...]`` messages are stacked before the mean;
 * ``sharded``: our ``shard_map`` mapper on a 1-device mesh;
 * ``drjax``: the same round with the client map written with DrJAX
   (``drjax.broadcast`` the server message, ``drjax.map_fn`` the clients,
@@ -24,6 +29,7 @@ then checks that the DrJAX round gives the same parameters as ours (vmap, and sh
 over 8 devices). The last line is a JSON summary with the ratios.
 """
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -50,6 +56,11 @@ _CHECK_DEVICES = flags.DEFINE_integer(
     "check_devices", 8, "Forced CPU devices for the DrJAX equality check (0: skip).")
 _CHECK_COHORT = flags.DEFINE_integer("check_cohort", 100, "Cohort of the equality check.")
 _CHILD = flags.DEFINE_bool("equality_child", False, "Internal: run only the equality check.")
+_COHORTS = flags.DEFINE_list("cohorts", [], "Cohort sizes (default: by --quick).")
+_SYSTEMS = flags.DEFINE_list("systems", ["vmap", "sharded", "drjax", "drjax_map"],
+                             "Systems to time.")
+_STACKED = flags.DEFINE_bool("stacked", False,
+                             "Also time each chunk size with the messages stacked, not streamed.")
 
 EXAMPLES_PER_CLIENT = 10
 
@@ -112,6 +123,8 @@ def build_round(method, data, cohort, system, chunk_size=None, mesh=None, drjax=
     with mapper_override(factory):
       return make_round(method, data, cohort, "vmap")
   backend = "sharded" if system == "sharded" else "vmap"
+  if system == "vmap_stacked":
+    method = dataclasses.replace(method, aggregator=method.aggregator._replace(stream=None))
   if chunk_size is None:
     return make_round(method, data, cohort, backend, mesh)
   if "chunk_size" in inspect.signature(make_round).parameters:
@@ -219,6 +232,9 @@ def main(argv):
   for c in chunks:
     parallel.validate_chunk_size(c)
   cohorts = [100, 1000] if quick else [100, 1000, 10000]
+  if _COHORTS.value:
+    cohorts = [int(c) for c in _COHORTS.value]
+  wanted = set(_SYSTEMS.value)
   one_device = parallel.client_mesh(jax.devices()[:1])
   print(json.dumps({"drjax": version, "jax": jax.__version__,
                     "devices": [str(d) for d in jax.devices()]}), flush=True)
@@ -233,10 +249,14 @@ def main(argv):
     args = (method, data, params, cohort)
     systems = [dict(system="vmap")]
     systems += [dict(system="vmap", chunk_size=c) for c in chunks if c < cohort]
+    if _STACKED.value:
+      systems += [dict(system="vmap_stacked", chunk_size=c) for c in chunks if c < cohort]
     systems += [dict(system="sharded", mesh=one_device)]
     if drjax is not None:
       systems += [dict(system=name, mesh=one_device, drjax=drjax)
                   for name in ("drjax", "drjax_map")]
+    systems = [spec for spec in systems
+               if spec["system"].replace("_stacked", "") in wanted]
     compiled = []
     for spec in systems:
       try:
@@ -267,11 +287,19 @@ def main(argv):
     for (system, chunk), r in by.items():
       if (system, chunk) == ("vmap", None):
         continue
-      name = system if chunk is None else f"chunk{chunk}"
+      name = system if chunk is None else f"chunk{chunk}" + system.replace("vmap", "")
       summary[f"c{cohort}.{name}_over_vmap"] = round(r["ms_per_round"] / base["ms_per_round"], 3)
       if r["temp_bytes"] and base["temp_bytes"]:
         summary[f"c{cohort}.{name}_temp_over_vmap"] = round(
             r["temp_bytes"] / base["temp_bytes"], 3)
+    for chunk in chunks:
+      streamed, stacked = by.get(("vmap", chunk)), by.get(("vmap_stacked", chunk))
+      if streamed and stacked:
+        summary[f"c{cohort}.chunk{chunk}_streamed_over_stacked_ms"] = round(
+            streamed["ms_per_round"] / stacked["ms_per_round"], 3)
+        if streamed["temp_bytes"] and stacked["temp_bytes"]:
+          summary[f"c{cohort}.chunk{chunk}_streamed_over_stacked_temp"] = round(
+              streamed["temp_bytes"] / stacked["temp_bytes"], 3)
     for name in ("drjax", "drjax_map"):
       if (name, None) in by and ("sharded", None) in by:
         summary[f"c{cohort}.{name}_over_sharded"] = round(

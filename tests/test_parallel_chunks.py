@@ -1,4 +1,8 @@
-"""Chunked client maps: the same numbers as one vmap, less compiled memory."""
+"""Chunked client maps: the same numbers as one vmap, less compiled memory.
+
+Aggregators with a ``stream`` (weighted sums) are accumulated chunk by chunk; the
+others (median) see the stacked messages.
+"""
 import inspect
 
 import jax
@@ -29,10 +33,10 @@ def cohort_inputs(data, params, method, padded):
   return shared, ((), cohort, sizes, keys)
 
 
-def run_mapper(aggregator, backend, chunk_size, mesh=None):
+def run_mapper(aggregator, backend, chunk_size, mesh=None, padded=None):
   data, params = linear_problem(SIZES)
   method = fedavg(linear_example_loss, LR, 1.0, SCHEDULE)
-  padded = parallel.padded_cohort_size(data.num_clients, backend, mesh)
+  padded = padded or parallel.padded_cohort_size(data.num_clients, backend, mesh)
   shared, per_client = cohort_inputs(data, params, method, padded)
   client_fn = lambda down, one: method.client_update(down, one, int(data.max_client_size))
   mapper = parallel.make_mapper(client_fn, aggregator, backend, mesh, chunk_size=chunk_size)
@@ -58,36 +62,80 @@ def assert_same(a, b, atol=1e-5):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol)
 
 
+# Clips 6 of the 13 clients' deltas (norms 0.07 .. 1.99), so clipping changes the mean.
+NORM_BOUND = 0.5
+AGGREGATORS = {"mean": aggregate.weighted_mean(),
+               "median": aggregate.coordinate_median(),
+               "norm_bounded": aggregate.norm_bounded_mean(NORM_BOUND)}
+
+
 @pytest.fixture(scope="module")
 def unchunked():
-  return {name: run_mapper(agg, "vmap", None)
-          for name, agg in (("mean", aggregate.weighted_mean()),
-                            ("median", aggregate.coordinate_median()))}
+  return {name: run_mapper(agg, "vmap", None) for name, agg in AGGREGATORS.items()}
 
 
 def test_unchunked_vmap_matches_numpy_fedavg(unchunked):
   delta, outputs = unchunked["mean"]
   assert_same(delta, numpy_weighted_delta())
   np.testing.assert_array_equal(outputs["weight"], SIZES)
-  # The median differs from the mean here, so the median cases below test something.
-  assert np.max(np.abs(np.asarray(unchunked["median"][0]["w"]) - np.asarray(delta["w"]))) > 1e-3
+  # The median and the clipped mean differ from the mean, so their cases below test
+  # something.
+  for name in ("median", "norm_bounded"):
+    assert np.max(np.abs(np.asarray(unchunked[name][0]["w"]) - np.asarray(delta["w"]))) > 1e-3
 
 
-@pytest.mark.parametrize("name,aggregator", [("mean", aggregate.weighted_mean()),
-                                             ("median", aggregate.coordinate_median())])
-@pytest.mark.parametrize("backend,devices,chunk", [
-    ("vmap", None, 4),      # 13 = 4 + 4 + 4 + 1: the last chunk overlaps the one before
-    ("vmap", None, 1),
-    ("sharded", 2, 4),      # 14 slots, 7 per device: chunks at 0 and 3
-    ("sharded", 8, 1),      # 16 slots, 2 per device
+def stream_only(aggregator):
+  """``aggregator`` whose stacked ``update`` fails: proves the chunked map streamed."""
+  def update(*args, **kwargs):
+    raise AssertionError("the stacked update ran; the chunked map should have streamed")
+  return aggregator._replace(update=update)
+
+
+@pytest.mark.parametrize("name,backend,devices,chunk,padded", [
+    # 13 = 4 + 4 + 4 + 1: the last chunk (clients 9..12) recomputes 9..11.
+    ("mean", "vmap", None, 4, None),
+    ("mean", "vmap", None, 1, None),
+    ("mean", "sharded", 2, 4, None),       # 14 slots, 7 per device: chunks at 0 and 3
+    ("mean", "sharded", 8, 1, None),       # 16 slots, 2 per device, 3 padding clients
+    # 48 slots, 6 per device (chunks at 0 and 2); devices 3..7 hold only padding.
+    ("mean", "sharded", 8, 4, 48),
+    ("norm_bounded", "vmap", None, 4, None),
+    ("norm_bounded", "sharded", 8, 4, 48),
+    # Median has no stream: chunked, it still sees the whole stacked cohort.
+    ("median", "vmap", None, 4, None),
+    ("median", "sharded", 2, 4, None),
+    ("median", "sharded", 8, 1, None),
 ])
-def test_chunked_equals_unchunked_vmap(unchunked, name, aggregator, backend, devices, chunk):
+def test_chunked_equals_unchunked(unchunked, name, backend, devices, chunk, padded):
   mesh = None if devices is None else parallel.client_mesh(jax.devices()[:devices])
-  delta, outputs = run_mapper(aggregator, backend, chunk, mesh)
+  aggregator = AGGREGATORS[name]
+  streams = aggregator.stream is not None
+  delta, outputs = run_mapper(stream_only(aggregator) if streams else aggregator, backend,
+                              chunk, mesh, padded)
   ref_delta, ref_outputs = unchunked[name]
-  assert_same(delta, ref_delta)
+  assert_same(delta, ref_delta, atol=1e-6 if streams else 1e-5)
   assert_same(outputs["loss"], ref_outputs["loss"])
+  np.testing.assert_array_equal(outputs["weight"], SIZES)
   np.testing.assert_array_equal(outputs["num_steps"], ref_outputs["num_steps"])
+
+
+def test_stream_in_chunks_equals_numpy():
+  # The stream alone: chunks of 5 and 8 clients (2 of weight 0) against numpy.
+  rng = np.random.default_rng(1)
+  messages = {"a": rng.normal(size=(13, 3, 2)).astype(np.float32),
+              "b": rng.normal(size=(13,)).astype(np.float32)}
+  weights = rng.uniform(1, 5, size=13).astype(np.float32)
+  weights[[2, 9]] = 0.0
+  stream = aggregate.weighted_mean().stream
+  acc = stream.zero(aggregate.message_shapes(messages))
+  for part in (slice(0, 5), slice(5, 13)):
+    acc = stream.add(acc, jax.tree.map(lambda m: m[part], messages), weights[part], ())
+  mean, _ = stream.finish(acc, (), None)
+  for k, m in messages.items():
+    expected = np.tensordot(weights.astype(np.float64), m, axes=1) / weights.sum()
+    np.testing.assert_allclose(mean[k], expected, rtol=1e-5, atol=1e-6)
+  whole, _ = aggregate.weighted_mean().update(messages, jnp.asarray(weights), (), None)
+  assert_same(mean, whole, atol=1e-6)
 
 
 def chunked_round(method, data, cohort, chunk_size, monkeypatch):
@@ -114,23 +162,43 @@ def test_chunked_fedavg_rounds_match(monkeypatch):
   assert_same(finals[0], finals[1])
 
 
-def test_compiled_temp_memory_shrinks_with_chunk_size():
+def temp_bytes_512(cases):
+  """Compiled temp bytes of the vmap mapper at 512 clients, by ``(chunk, streamed)``."""
   # 512 clients of 16 examples, a 64-feature linear model, batch 8.
   data, params = linear_problem([16] * 512, dim=64)
   method = fedavg(linear_example_loss, LR, 1.0, LocalSchedule(batch_size=8, epochs=1))
   shared, per_client = cohort_inputs(data, params, method, 512)
   client_fn = lambda down, one: method.client_update(down, one, 16)
   temps = {}
-  for chunk in (None, 64, 16, 13):
-    mapper = parallel.make_mapper(client_fn, method.aggregator, "vmap", chunk_size=chunk)
+  for chunk, streamed in cases:
+    aggregator = method.aggregator if streamed else method.aggregator._replace(stream=None)
+    mapper = parallel.make_mapper(client_fn, aggregator, "vmap", chunk_size=chunk)
     compiled = jax.jit(mapper).lower(shared, per_client, ()).compile()
-    temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
-  print("temp bytes by chunk size:", temps)
-  # Measured: None 1,377,224; 64 574,200; 16 246,008; 13 225,656 bytes.
-  assert temps[16] < 0.25 * temps[None]
-  assert temps[16] < temps[64] < 0.5 * temps[None]
+    temps[chunk, streamed] = compiled.memory_analysis().temp_size_in_bytes
+  return temps
+
+
+def test_compiled_temp_memory_shrinks_with_chunk_size_and_streaming():
+  temps = temp_bytes_512([(None, True), (16, True), (13, True), (16, False)])
+  print("temp bytes by (chunk size, streamed):", temps)
+  # Measured: unchunked 1,377,224; chunk 16 111,096 streamed, 246,008 stacked;
+  # chunk 13 90,744 streamed.
+  assert temps[16, True] < 0.25 * temps[None, True]
   # A chunk that does not divide 512 must not copy the cohort (lax.map's remainder does).
-  assert temps[13] < 0.25 * temps[None]
+  assert temps[13, True] < 0.25 * temps[None, True]
+  # Streaming drops the [512, 65] float32 stack of messages (133,120 bytes): 2.2x here.
+  message_bytes = 512 * 65 * 4
+  assert temps[16, False] - temps[16, True] > 0.9 * message_bytes
+  assert temps[16, True] < 0.5 * temps[16, False]
+
+
+@pytest.mark.slow
+def test_compiled_temp_memory_grows_with_chunk_size():
+  temps = temp_bytes_512([(None, False), (64, False), (16, False), (64, True), (16, True)])
+  # Measured: unchunked 1,377,224; chunk 64 574,200 stacked, 439,672 streamed;
+  # chunk 16 246,008 stacked, 111,096 streamed.
+  for streamed in (False, True):
+    assert temps[16, streamed] < temps[64, streamed] < 0.5 * temps[None, False]
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])
