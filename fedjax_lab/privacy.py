@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import aggregate as aggregate_lib
-from fedjax_lab.transforms import Aggregator
+from fedjax_lab.transforms import Aggregator, SumStream
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "without_replacement")
@@ -120,13 +120,23 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     return DPState(key=jax.random.PRNGKey(seed), clip=jnp.asarray(clip, jnp.float32),
                    noise_multiplier=jnp.asarray(noise_multiplier, jnp.float32))
 
-  def update(messages, weights, state, axis_name=None):
+  # A running sum of the clipped updates and of the unclipped count, so chunked client
+  # maps stream it; noise, the division by m and the clip step come once, in finish.
+  def zero(shapes):
+    return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            jnp.zeros((), jnp.float32))
+
+  def add(acc, messages, weights, state):
     unit = (weights > 0).astype(jnp.float32)
     clipped, norms = aggregate_lib.clip_clients(messages, state.clip)
-    total, _ = aggregate_lib.weighted_sum(clipped, unit, axis_name)
-    unclipped = jnp.sum(unit * (norms <= state.clip))
+    total, _ = aggregate_lib.weighted_sum(clipped, unit)
+    return (jax.tree.map(jnp.add, acc[0], total),
+            acc[1] + jnp.sum(unit * (norms <= state.clip)))
+
+  def finish(acc, state, axis_name=None):
+    total, unclipped = acc
     if axis_name is not None:
-      unclipped = jax.lax.psum(unclipped, axis_name)
+      total, unclipped = jax.lax.psum((total, unclipped), axis_name)
     key, noise_key, count_key = jax.random.split(state.key, 3)
     z_update = (_update_noise_multiplier(state.noise_multiplier, count_noise)
                 if count_noise > 0 else state.noise_multiplier)
@@ -141,7 +151,7 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
                                       adaptive.target_quantile, adaptive.learning_rate)
     return mean, state._replace(key=key, clip=new_clip)
 
-  return Aggregator(init=init, update=update)
+  return aggregate_lib.from_stream(SumStream(zero, add, finish), init)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from algorithms.fedavg import fedavg
-from fedjax_lab import aggregate, parallel
+from fedjax_lab import aggregate, parallel, privacy
 from fedjax_lab.algorithm import make_round
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import gather_cohort
@@ -66,7 +66,10 @@ def assert_same(a, b, atol=1e-5):
 NORM_BOUND = 0.5
 AGGREGATORS = {"mean": aggregate.weighted_mean(),
                "median": aggregate.coordinate_median(),
-               "norm_bounded": aggregate.norm_bounded_mean(NORM_BOUND)}
+               "norm_bounded": aggregate.norm_bounded_mean(NORM_BOUND),
+               # DP-FedAvg: clipped sum, unclipped count, noise and division at the end.
+               "dp": privacy.dp_fedavg_aggregator(NORM_BOUND, 0.3, 13.0, seed=1,
+                                                  adaptive=privacy.AdaptiveClip(0.5, 0.2))}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,8 @@ def stream_only(aggregator):
     ("mean", "sharded", 8, 4, 48),
     ("norm_bounded", "vmap", None, 4, None),
     ("norm_bounded", "sharded", 8, 4, 48),
+    ("dp", "vmap", None, 4, None),
+    ("dp", "sharded", 8, 4, 48),
     # Median has no stream: chunked, it still sees the whole stacked cohort.
     ("median", "vmap", None, 4, None),
     ("median", "sharded", 2, 4, None),
