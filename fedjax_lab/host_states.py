@@ -104,6 +104,39 @@ def init_host_table(algorithm: FederatedAlgorithm, params: Params, num_clients: 
   return jax.tree.unflatten(treedef, table)
 
 
+def init_host_state(algorithm: FederatedAlgorithm, params: Params, rng, num_clients: int,
+                    directory: Optional[str] = None) -> tuple[ServerState, PyTree]:
+  """``(state without its table, table on the host)``, equal to ``split_state(
+  algorithm.init(params, rng, num_clients))`` without the ``[N, ...]`` table on device.
+
+  A method that keeps ``FederatedAlgorithm.init`` gets its table from
+  ``init_host_table`` (rows ``init_client_state(params)``) and its state from a
+  one-client ``init``. A method that overrides ``init`` (per-client tags, a
+  reputation vector, ...) runs it on the CPU backend, so the table is built in host
+  memory once and then moved to numpy (or to ``directory``'s memmap files).
+  """
+  if type(algorithm).init is FederatedAlgorithm.init:
+    state = algorithm.init(params, rng, 1)._replace(client_states=())
+    return state, init_host_table(algorithm, params, num_clients, directory)
+  with jax.default_device(jax.devices("cpu")[0]):
+    full = algorithm.init(params, rng, num_clients)
+  state, table = split_state(full)
+  del full
+  # Uncommitted arrays on the default device, as a direct init would give.
+  state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
+  if directory is not None and jax.tree.leaves(table):
+    os.makedirs(directory, exist_ok=True)
+    leaves, treedef = jax.tree.flatten(table)
+    files = []
+    for index, leaf in enumerate(leaves):
+      array = np.lib.format.open_memmap(os.path.join(directory, f"leaf_{index}.npy"),
+                                        mode="w+", dtype=leaf.dtype, shape=leaf.shape)
+      array[...] = leaf
+      files.append(array)
+    table = jax.tree.unflatten(treedef, files)
+  return state, table
+
+
 def split_state(state: ServerState) -> tuple[ServerState, PyTree]:
   """``(state without its table, the table as numpy)``: moves a device table to the host."""
   table = jax.tree.map(lambda x: np.array(x), state.client_states)
@@ -214,6 +247,21 @@ def _local_index(ids: np.ndarray, num_clients: int) -> tuple[np.ndarray, np.ndar
   return padded, local
 
 
+class RowUpdate(NamedTuple):
+  """Rows to write into a host table: ``table[ids] = rows`` (ids ``>= N`` are padding).
+
+  Attributes:
+    ids: int32 ``[M]``, client ids (padding ids equal ``num_clients``).
+    rows: numpy leaves ``[M, ...]``, the rows' new values.
+  """
+  ids: np.ndarray
+  rows: PyTree
+
+  def write(self, table: PyTree) -> None:
+    """Applies the update to ``table`` in place."""
+    scatter_rows(table, self.ids, self.rows)
+
+
 def make_host_state_multi_round(algorithm: FederatedAlgorithm, data: FederatedData,
                                 clients_per_round: int, backend: str = "vmap", mesh=None,
                                 chunk_size: Optional[int] = None
@@ -224,20 +272,13 @@ def make_host_state_multi_round(algorithm: FederatedAlgorithm, data: FederatedDa
   ``num_rounds``): the union of their cohorts is gathered into a ``[K * P, ...]``
   table, the rounds scan over it on device, and it is written back to ``table``.
   Same numbers as ``make_multi_round(make_round(...))`` with the table on device.
-  The ``loop`` backend runs ``make_host_state_round`` once per round.
+  The ``loop`` backend runs the rounds from Python, unjitted, on the same small table.
+
+  ``run.deferred(state, table, arrays, offsets, num_rounds) -> (state, metrics,
+  update)`` leaves ``table`` untouched and returns the rows as a ``RowUpdate``
+  (``update.write(table)`` stores them): a caller can look at the metrics first and
+  drop the update, keeping the table of the last good round.
   """
-  if backend == "loop":
-    round_fn = make_host_state_round(algorithm, data, clients_per_round, backend, mesh,
-                                     chunk_size)
-
-    def run_loop(state, table, arrays, offsets, num_rounds):
-      history = []
-      for _ in range(num_rounds):
-        state, metrics = round_fn(state, table, arrays, offsets)
-        history.append(metrics)
-      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
-    return run_loop
-
   num_clients = data.num_clients
   padded = parallel.padded_cohort_size(clients_per_round, backend, mesh)
   core = algorithm_lib.make_round_core(algorithm, data, clients_per_round, backend, mesh,
@@ -251,19 +292,31 @@ def make_host_state_multi_round(algorithm: FederatedAlgorithm, data: FederatedDa
       rows = algorithm_lib._gather_rows(local_table, local)
       state, new_rows, metrics = core(state, ids, rows, arrays, offsets)
       return (state, algorithm_lib._scatter_rows(local_table, local, new_rows)), metrics
+    if backend == "loop":   # unjitted, as the device loop round
+      carry, history = (state, jax.tree.map(jnp.asarray, local_table)), []
+      for k in range(ids.shape[0]):
+        carry, metrics = step(carry, (jnp.asarray(ids[k]), jnp.asarray(local_ids[k])))
+        history.append(metrics)
+      return carry + (jax.tree.map(lambda *xs: jnp.stack(xs), *history),)
     (state, local_table), metrics = jax.lax.scan(step, (state, local_table), (ids, local_ids))
     return state, local_table, metrics
 
-  scan_rounds = jax.jit(scan_rounds)
+  if backend != "loop":
+    scan_rounds = jax.jit(scan_rounds)
 
-  def run(state: ServerState, table: PyTree, arrays, offsets, num_rounds: int):
+  def deferred(state: ServerState, table: PyTree, arrays, offsets, num_rounds: int):
     _check(state, table, num_clients, algorithm)
     ids = np.asarray(sample(state.rng, state.round, num_rounds))
     members, local_ids = _local_index(ids, num_clients)
     state, local_table, metrics = scan_rounds(
         state, ids, local_ids, gather_rows(table, members), arrays, offsets)
-    scatter_rows(table, members, jax.device_get(local_table))
+    return state, metrics, RowUpdate(members, jax.device_get(local_table))
+
+  def run(state: ServerState, table: PyTree, arrays, offsets, num_rounds: int):
+    state, metrics, update = deferred(state, table, arrays, offsets, num_rounds)
+    update.write(table)
     return state, metrics
 
+  run.deferred = deferred
   run.scan_rounds = scan_rounds
   return run

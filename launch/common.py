@@ -90,6 +90,8 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
   opts = training.TrainOptions(
       rounds=config.rounds, clients_per_round=config.clients_per_round, backend=config.backend,
       chunk_size=config.get("chunk_size"), donate_state=config.get("donate_state", False),
+      client_states=config.get("client_states", "device"),
+      client_state_dir=config.get("client_state_dir"),
       seed=config.seed, eval_every=config.eval_every,
       checkpoint_every=config.get("checkpoint_every", 0),
       rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress,

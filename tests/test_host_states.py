@@ -1,4 +1,6 @@
 """Client-state tables on the host: same numbers as the device table, device memory flat in N."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +89,12 @@ def test_multi_round_host_table_equals_device_scan():
   device_state, device_metrics = run(init_state(method, data), arrays, offsets, 3)
   host_run = host_states.make_host_state_multi_round(method, data, 6, "vmap")
   state, table = host_states.split_state(init_state(method, data))
-  state, metrics = host_run(state, table, arrays, offsets, 3)
+  # Deferred: the table is untouched until the returned rows are written.
+  before = jax.tree.map(np.copy, table)
+  state, metrics, update = host_run.deferred(state, table, arrays, offsets, 3)
+  jax.tree.map(np.testing.assert_array_equal, table, before)
+  assert update.ids.shape == (18,) and update.rows["w"].shape == (18, 3)
+  update.write(table)
   assert_same(state, table, device_state)
   np.testing.assert_allclose(metrics["train_loss"], device_metrics["train_loss"], rtol=1e-6)
   state, metrics = host_run(state, table, arrays, offsets, 3)
@@ -182,3 +189,46 @@ def test_hundred_thousand_clients_keep_their_table_on_host():
   assert host_bytes[1_000] == host_bytes[100_000] < 2 * cohort * per_client + 1024
   # Device path: it grows by the table, (N2 - N1) rows of 68 bytes.
   assert device_bytes[100_000] - device_bytes[1_000] == 99_000 * per_client
+
+
+@pytest.mark.slow   # the loop backend runs op by op: ~6 s
+def test_loop_backend_host_table_equals_device_loop():
+  data, _ = linear_problem((3, 2, 4, 2), seed=3)
+  method = scaffold(linear_example_loss, 0.05, 1.0, LocalSchedule(batch_size=4))
+  arrays, offsets = data.device_arrays()
+  device_state, device_metrics = make_multi_round(make_round(method, data, 3, "loop"), "loop")(
+      init_state(method, data), arrays, offsets, 2)
+  host_run = host_states.make_host_state_multi_round(method, data, 3, "loop")
+  state, table = host_states.split_state(init_state(method, data))
+  state, metrics = host_run(state, table, arrays, offsets, 2)
+  assert_same(state, table, device_state)
+  np.testing.assert_allclose(metrics["train_loss"], device_metrics["train_loss"], rtol=1e-6)
+
+
+def test_init_host_state_equals_split_device_init(tmp_path):
+  from fedjax_lab import byzantine
+  data, _ = linear_problem((3, 4, 2, 5), seed=0)
+  params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+  base = scaffold_method()
+  methods = {
+      "zeros": base,
+      # Non-zero initial rows are broadcast to every client.
+      "halves": dataclasses.replace(
+          base, init_client_state=lambda p: jax.tree.map(lambda x: jnp.full_like(x, 0.5), p)),
+      # A method that overrides init (per-client tags [N]) runs it on the CPU backend.
+      "tagged": byzantine.with_client_tags(base, group=lambda n: np.arange(n) % 3),
+  }
+  for name, method in methods.items():
+    device_state, device_table = host_states.split_state(
+        method.init(params, jax.random.PRNGKey(3), data.num_clients))
+    for directory in (None, str(tmp_path / name)):
+      state, table = host_states.init_host_state(method, params, jax.random.PRNGKey(3),
+                                                 data.num_clients, directory)
+      assert jax.tree.structure(state) == jax.tree.structure(device_state)
+      jax.tree.map(np.testing.assert_array_equal, state, device_state)
+      jax.tree.map(np.testing.assert_array_equal, table, device_table)
+      kind = np.ndarray if directory is None else np.memmap
+      assert all(isinstance(x, kind) for x in jax.tree.leaves(table))
+  tags = host_states.init_host_state(methods["tagged"], params, jax.random.PRNGKey(3), 4)[1]
+  np.testing.assert_array_equal(tags["tags"]["client_id"], np.arange(4))
+  np.testing.assert_array_equal(tags["tags"]["group"], [0, 1, 2, 0])

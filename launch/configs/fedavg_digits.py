@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.backend = "vmap"
   config.chunk_size = config_dict.placeholder(int)   # clients vectorised at once (large cohorts)
   config.donate_state = False        # True: update the state in place (large client-state tables)
+  config.client_states = "device"    # "host": per-client state table in host memory (huge N)
+  config.client_state_dir = config_dict.placeholder(str)   # with "host": table as memmap files
   config.rounds_per_call = 10
   config.seed = 0
   config.eval_every = 20
