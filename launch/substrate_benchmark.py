@@ -30,7 +30,6 @@ over 8 devices). The last line is a JSON summary with the ratios.
 """
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import statistics
@@ -84,8 +83,8 @@ def drjax_mapper_factory(drjax, cohort_size, mesh, primitives_only=True):
   mesh. Otherwise ``drjax.map_fn`` closes over the server message and the aggregator
   given (ours) reduces the messages.
   """
-  def factory(client_fn, aggregator, backend, mesh_arg=None, **unused):
-    del backend, mesh_arg, unused
+  def factory(client_fn, aggregator, backend, mesh_arg=None, chunk_size=None, **unused):
+    del backend, mesh_arg, chunk_size, unused
 
     @drjax.program(placements={parallel.CLIENTS_AXIS: cohort_size})
     def mapper(shared, per_client, agg_state):
@@ -125,13 +124,7 @@ def build_round(method, data, cohort, system, chunk_size=None, mesh=None, drjax=
   backend = "sharded" if system == "sharded" else "vmap"
   if system == "vmap_stacked":
     method = dataclasses.replace(method, aggregator=method.aggregator._replace(stream=None))
-  if chunk_size is None:
-    return make_round(method, data, cohort, backend, mesh)
-  if "chunk_size" in inspect.signature(make_round).parameters:
-    return make_round(method, data, cohort, backend, mesh, chunk_size=chunk_size)
-  original = parallel.make_mapper
-  with mapper_override(lambda *a, **k: original(*a, **{**k, "chunk_size": chunk_size})):
-    return make_round(method, data, cohort, backend, mesh)
+  return make_round(method, data, cohort, backend, mesh, chunk_size=chunk_size)
 
 
 def workload(cohort):

@@ -3,7 +3,6 @@
 Aggregators with a ``stream`` (weighted sums) are accumulated chunk by chunk; the
 others (median) see the stacked messages.
 """
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -144,12 +143,8 @@ def test_stream_in_chunks_equals_numpy():
 
 
 def chunked_round(method, data, cohort, chunk_size, monkeypatch):
-  if "chunk_size" in inspect.signature(make_round).parameters:
-    return make_round(method, data, cohort, "vmap", chunk_size=chunk_size)
-  original = parallel.make_mapper
-  monkeypatch.setattr(parallel, "make_mapper",
-                      lambda *a, **k: original(*a, **{**k, "chunk_size": chunk_size}))
-  return make_round(method, data, cohort, "vmap")
+  del monkeypatch
+  return make_round(method, data, cohort, "vmap", chunk_size=chunk_size)
 
 
 def test_chunked_fedavg_rounds_match(monkeypatch):
