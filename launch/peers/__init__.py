@@ -110,7 +110,7 @@ def workload_arrays(data=None, seed: int = 0) -> dict:
   from fedjax_lab import models
   from fedjax_lab.data import digits
   if data is None:
-    from launch.benchmark import equal_digits_population
+    from launch.workloads import equal_digits_population
     data = equal_digits_population(50, 30)
   clients = [data.client(i) for i in range(data.num_clients)]
   sizes = {len(c["y"]) for c in clients}
