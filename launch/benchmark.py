@@ -262,7 +262,7 @@ def plot_sweep(rows, path):
   sweep = [r for r in rows if r["workload"].startswith("sweep_")]
   cohorts = [r["clients_per_round"] for r in sweep]
   left.loglog(cohorts, [_best_ours(r) for r in sweep], marker="o",
-              label="fedjax_lab (vmap, 10 rounds/call)")
+              label="fedjax_lab (vmap or chunks of 64, 10 rounds/call)")
   left.loglog(cohorts, [r["limit_s_per_round"] for r in sweep], marker="s",
               label="centralized limit")
   left.set(xlabel="clients per round (10 examples each)", ylabel="seconds per round")
