@@ -62,10 +62,10 @@ def tree_close(a, b, atol):
                                atol=atol, rtol=0, err_msg=f"leaf {k}")
 
 
-def run_rounds(method, data, params, rounds, clients_per_round=None, seed=0):
-  """States after 0..rounds jitted vmap rounds (full participation by default)."""
+def run_rounds(method, data, params, rounds, clients_per_round=None, seed=0, backend="vmap"):
+  """States after 0..rounds jitted rounds (vmap and full participation by default)."""
   clients_per_round = clients_per_round or data.num_clients
-  round_fn = jax.jit(make_round(method, data, clients_per_round, "vmap"))
+  round_fn = jax.jit(make_round(method, data, clients_per_round, backend))
   state = method.init(params, jax.random.PRNGKey(seed), data.num_clients)
   arrays, offsets = data.device_arrays()
   states = [state]

@@ -12,7 +12,7 @@ from fedjax_lab import host_states, parallel
 from fedjax_lab.algorithm import make_multi_round, make_round, sample_cohort
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import FederatedData
-from reference import linear_example_loss, linear_problem
+from reference import linear_example_loss, linear_problem, run_rounds
 
 SIZES = (5, 3, 7, 2, 9, 4, 6, 1, 8, 3, 5, 2)
 
@@ -27,14 +27,8 @@ def init_state(method, data, params=None):
 
 
 def device_rounds(method, data, cohort, backend, rounds):
-  round_fn = jax.jit(make_round(method, data, cohort, backend))
-  state = init_state(method, data)
-  arrays, offsets = data.device_arrays()
-  states = [state]
-  for _ in range(rounds):
-    state, _ = round_fn(state, arrays, offsets)
-    states.append(state)
-  return states
+  return run_rounds(method, data, init_state(method, data).params, rounds, cohort, seed=7,
+                    backend=backend)
 
 
 def assert_same(host_state, table, device_state, atol=1e-6):
