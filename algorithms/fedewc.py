@@ -119,10 +119,14 @@ class FisherUpdate:
     return state._replace(extra={**state.extra, "ewc": ewc}), {"fisher_sum": total}
 
 
-def from_config(config, example_loss) -> FederatedAlgorithm:
-  return fedavg_ewc(example_loss, config.client_lr, config.get("ewc_lambda", 100.0),
-                    config.get("server_lr", 1.0), schedule_from_config(config),
-                    config.get("weighting", "uniform"))
+def from_config(config, example_loss, model=None) -> FederatedAlgorithm:
+  """FedAvg-EWC from ``config``; the aggregated Fisher is its task-end step."""
+  del model   # the Fisher needs only the loss
+  method = fedavg_ewc(example_loss, config.client_lr, config.get("ewc_lambda", 100.0),
+                      config.get("server_lr", 1.0), schedule_from_config(config),
+                      config.get("weighting", "uniform"))
+  return dataclasses.replace(method, task_boundary=fisher_from_config(
+      config, example_loss, config.get("backend", "vmap")))
 
 
 def fisher_from_config(config, example_loss, backend: str = "vmap") -> FisherUpdate:

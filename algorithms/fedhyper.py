@@ -51,14 +51,16 @@ As optax transforms (all act on the pseudo-gradient g_t = -Delta_t, the server's
 
 ``fedhyper_global`` scales the pseudo-gradient by the global rate 1 + A, so any server
 optimizer after it sees ``(1 + A) g``; with ``optax.sgd(1.0)`` that is exactly the code's
-FedHyper-G. ``on_top(algorithm, rule)`` chains a rule before any method's server transform
-(FedProx, SCAFFOLD, FAL, FedAdam, ...). The client rules are client transforms that take
+FedHyper-G. The server rules are server rules in the engine's sense
+(``fedjax_lab.server_rules``): ``on_top(algorithm, rule)`` chains one after any method's
+own rule (SCAFFOLD's control update, FOT's projection, ...) and before its replaceable
+``server_tx`` (FedProx, SCAFFOLD, FAL, FedAdam, FOT, ...). The client rules are client transforms that take
 the local direction (identity for SGD, ``optax.trace`` for momentum, ``optax.scale_by_adam``)
 and apply the rate: ``optax.chain(optax.identity(), fedhyper_client(eta_0, m))``.
 
-Baselines of the paper's comparisons are here too: ``fedavgm`` (server momentum) and
-``fedavg_decay`` (global and local rates times 0.995^t); FedAdam/FedAdagrad are in
-``algorithms.fedopt`` and FedExp in ``algorithms.fedexp``.
+The paper's baselines are their own modules: ``algorithms.fedavgm`` (server momentum),
+``algorithms.fedavg_decay`` (global and local rates times 0.995^t), ``algorithms.fedopt``
+(FedAdam, FedAdagrad) and ``algorithms.fedexp``.
 """
 import dataclasses
 from typing import Any, NamedTuple, Optional
@@ -70,7 +72,8 @@ import optax
 from algorithms import fedopt
 from algorithms.fedavg import schedule_from_config
 from fedjax_lab import oracles
-from fedjax_lab.algorithm import FederatedAlgorithm, ServerState, apply_server_tx
+from fedjax_lab import server_rules
+from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.types import Params, PyTree
 
@@ -100,17 +103,7 @@ def _where(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(flag, x, y), new, old)
 
 
-def find_state(opt_state: PyTree, cls: type) -> Optional[Any]:
-  """The one ``cls`` state inside a (chained) optax state, or None.
-
-  Raises:
-    ValueError: if the state holds more than one.
-  """
-  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
-  found = [x for x in nodes if isinstance(x, cls)]
-  if len(found) > 1:
-    raise ValueError(f"The optimizer state holds {len(found)} {cls.__name__}; expected one.")
-  return found[0] if found else None
+find_state = server_rules.find_state
 
 
 def paper_bounds(gamma: float) -> tuple[float, float]:
@@ -194,20 +187,24 @@ def fedhyper_global_momentum(momentum: float = 0.9, clip_lo: float = -0.2, clip_
   return fedhyper_global(clip_lo, clip_hi, hyper_lr, momentum, normalize)
 
 
-def global_rate(opt_state: PyTree) -> jax.Array:
-  """The current global rate multiplier 1 + A of a state holding G/GM."""
-  state = find_state(opt_state, FedHyperGlobalState)
-  if state is None:
+def global_rate(state: PyTree) -> jax.Array:
+  """The current global rate multiplier 1 + A of a state holding G/GM.
+
+  ``state``: a ``ServerState`` (the rule lives in its ``rule_state``) or any
+  (chained) transform state.
+  """
+  found = find_state(state, FedHyperGlobalState)
+  if found is None:
     raise ValueError("The server state holds no fedhyper_global state.")
-  return 1.0 + state.accumulator
+  return 1.0 + found.accumulator
 
 
 def rate_metrics(state: ServerState) -> dict:
   """The adapted rates for the round's metrics: ``global_rate`` (G/GM), ``local_lr`` (SL)."""
   metrics = {}
-  if find_state(state.opt_state, FedHyperGlobalState) is not None:
-    metrics["global_rate"] = global_rate(state.opt_state)
-  sl_rate = local_rate(state.opt_state)
+  if find_state(state.rule_state, FedHyperGlobalState) is not None:
+    metrics["global_rate"] = global_rate(state.rule_state)
+  sl_rate = local_rate(state.rule_state)
   if sl_rate is not None:
     metrics["local_lr"] = sl_rate
   return metrics
@@ -277,10 +274,13 @@ def fedhyper_server_local(initial_lr: float, min_lr: float = 1e-3, max_lr: float
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def local_rate(opt_state: PyTree) -> Optional[jax.Array]:
-  """The local rate an SL state emits for the next round (None without SL)."""
-  state = find_state(opt_state, FedHyperServerLocalState)
-  return None if state is None else state.local_lr
+def local_rate(state: PyTree) -> Optional[jax.Array]:
+  """The local rate an SL state emits for the next round (None without SL).
+
+  ``state``: a ``ServerState`` or any (chained) transform state.
+  """
+  found = find_state(state, FedHyperServerLocalState)
+  return None if found is None else found.local_lr
 
 
 # ----------------------------------------------------------------------- client side
@@ -398,31 +398,47 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
 
 # --------------------------------------------------------------------- composition
 
+class PreviousUpdateState(NamedTuple):
+  """delta: the last round's averaged client update Delta_{t-1} (CL's global term)."""
+  delta: Params
+
+
+def previous_update() -> server_rules.ServerRule:
+  """Keeps ``aggregate['delta']`` for the next round's broadcast; ``g`` passes unchanged."""
+  def init_fn(params):
+    return PreviousUpdateState(jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None, *, aggregate=None, **extra):
+    del state, params, extra
+    return updates, PreviousUpdateState(aggregate["delta"])
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def with_rate_metrics(round_metrics):
+  """``round_metrics`` (or none) plus FedHyper's adapted rates."""
+  if round_metrics is None:
+    return rate_metrics
+
+  def metrics(state):
+    return {**round_metrics(state), **rate_metrics(state)}
+  return metrics
+
+
 def on_top(algorithm: FederatedAlgorithm, rule: optax.GradientTransformation,
            name: Optional[str] = None) -> FederatedAlgorithm:
-  """``algorithm`` with ``rule`` (e.g. ``fedhyper_global()``) chained before its server transform.
+  """``algorithm`` with ``rule`` (e.g. ``fedhyper_global()``) after its own server rule.
 
-  The new server transform is ``optax.chain(rule, algorithm.server_tx)``. A method whose
-  ``server_update`` hook closes over its own server transform (SCAFFOLD) keeps its side
-  effects: the hook runs with the base optimizer's part of the chained state, its
-  ``extra``, client and aggregator states are kept, and the params step with the chain.
-  That assumes, as for SCAFFOLD, that the hook's extras do not read the new params.
+  The server step becomes ``server_tx(rule(method_rule(g)))``: the method's rule
+  (SCAFFOLD's control update, FedExP's extrapolation, FOT's projection) runs first,
+  FedHyper's rate scales what it emits, and the method's ``server_tx`` (replaceable)
+  takes the step. Every other part of the method, its task-boundary step included,
+  is kept.
   """
-  server_tx = optax.chain(rule, algorithm.server_tx)
-  name = name or f"{algorithm.name}+fedhyper"
-  hook = algorithm.server_update
-  if hook is None:
-    return dataclasses.replace(algorithm, name=name, server_tx=server_tx,
-                               round_metrics=rate_metrics)
-
-  def server_update(state: ServerState, aggregate: dict, cohort_fraction: float) -> ServerState:
-    base = hook(state._replace(opt_state=state.opt_state[1]), aggregate, cohort_fraction)
-    state = state._replace(extra=base.extra, client_states=base.client_states,
-                           agg_state=base.agg_state)
-    return apply_server_tx(server_tx, state, aggregate["delta"])
-
-  return dataclasses.replace(algorithm, name=name, server_tx=server_tx,
-                             server_update=server_update, round_metrics=rate_metrics)
+  return dataclasses.replace(
+      algorithm, name=name or f"{algorithm.name}+fedhyper",
+      server_rule=server_rules.chain(algorithm.server_rule, rule),
+      round_metrics=with_rate_metrics(algorithm.round_metrics))
 
 
 def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
@@ -443,7 +459,7 @@ def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
     server_rule: ``fedhyper_global`` / ``fedhyper_global_momentum`` /
       ``fedhyper_server_local`` or None.
     client_rule: ``fedhyper_client(...)`` or None (constant local rate).
-    server_optimizer: the server optimizer after the rule (default SGD(server_lr)).
+    server_optimizer: the method's ``server_tx`` after the rule (default SGD(server_lr)).
     client_direction: local direction before the rate (default identity: SGD; e.g.
       ``optax.trace(0.5)`` or ``optax.scale_by_adam()`` as in the code's options).
     keep_client_rate: with CL, each client starts a round from the beta it ended its
@@ -452,25 +468,25 @@ def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
       rate table meant to keep it.
     name: registry name.
 
-  The broadcast carries ``local_lr`` when the server state holds SL and the previous
-  averaged update ``global_update`` (kept in ``state.extra['prev_delta']``) with CL.
+  The broadcast carries ``local_lr`` when the rule holds SL and the previous averaged
+  update ``global_update`` (kept by the ``previous_update`` rule) with CL.
   """
   server_tx = server_optimizer if server_optimizer is not None else optax.sgd(server_lr)
-  if server_rule is not None:
-    server_tx = optax.chain(server_rule, server_tx)
   rate = client_rule if client_rule is not None else scale_by_local_lr(client_lr)
   client_tx = optax.chain(client_direction or optax.identity(), rate)
   with_cl = client_rule is not None
   if keep_client_rate and not with_cl:
     raise ValueError("keep_client_rate needs a client_rule (fedhyper_client).")
+  rules = [r for r in (server_rule, previous_update() if with_cl else None) if r is not None]
 
   def broadcast(state):
     down = {"params": state.params}
-    lr = local_rate(state.opt_state)
+    lr = local_rate(state.rule_state)
     if lr is not None:
       down["local_lr"] = lr
     if with_cl:
-      down["global_update"] = state.extra["prev_delta"]
+      down["global_update"] = server_rules.require_state(
+          state.rule_state, PreviousUpdateState, "previous_update").delta
     return down
 
   def client_extra_args(message_down, client_state):
@@ -487,64 +503,13 @@ def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
       client_state = jnp.where(local.num_steps > 0, scale, client_state)
     return {"delta": delta}, client_state
 
-  def server_update(state, aggregate, cohort_fraction):
-    del cohort_fraction
-    state = apply_server_tx(server_tx, state, aggregate["delta"])
-    return state._replace(extra={**state.extra, "prev_delta": aggregate["delta"]})
-
   return FederatedAlgorithm(
       name=name, oracle=oracles.first_order(example_loss), client_tx=client_tx,
       server_tx=server_tx, schedule=schedule, weighting=weighting,
-      init_extra=(lambda params: {"prev_delta": jax.tree.map(jnp.zeros_like, params)})
-      if with_cl else None,
+      server_rule=server_rules.chain(*rules) if rules else server_rules.identity(),
       init_client_state=(lambda params: jnp.ones((), jnp.float32)) if keep_client_rate else None,
       broadcast=broadcast, client_extra_args=client_extra_args, client_final=client_final,
-      server_update=server_update if with_cl else None, round_metrics=rate_metrics)
-
-
-# ------------------------------------------------------------------------ baselines
-
-def fedavgm(example_loss, client_lr: float, server_lr: float = 1.0, momentum: float = 0.9,
-            schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
-            ) -> FederatedAlgorithm:
-  """FedAvg with server momentum (Hsu, Qi, Brown 2019): ``optax.sgd(server_lr, momentum)``."""
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"server momentum must be in [0, 1), got {momentum}.")
-  return FederatedAlgorithm(
-      name="fedavgm", oracle=oracles.first_order(example_loss), client_tx=optax.sgd(client_lr),
-      server_tx=optax.sgd(server_lr, momentum=momentum or None), schedule=schedule,
-      weighting=weighting)
-
-
-def fedavg_decay(example_loss, client_lr: float, server_lr: float = 1.0, rate: float = 0.995,
-                 decay_global: bool = True, decay_local: bool = True,
-                 schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
-                 ) -> FederatedAlgorithm:
-  """FedAvg whose global and/or local rates are multiplied by ``rate ** t`` in round t.
-
-  The code's Decay-G (global) and Decay-SL (local) baselines, 0.995 per round.
-  """
-  if not 0.0 < rate <= 1.0:
-    raise ValueError(f"decay rate must be in (0, 1], got {rate}.")
-  server_tx = optax.sgd(optax.exponential_decay(server_lr, 1, rate) if decay_global else server_lr)
-
-  def broadcast(state):
-    down = {"params": state.params}
-    if decay_local:
-      down["local_lr"] = client_lr * jnp.power(jnp.float32(rate), state.round.astype(jnp.float32))
-    return down
-
-  def client_extra_args(message_down, client_state):
-    del client_state
-    extra = {"global_params": message_down["params"]}
-    if "local_lr" in message_down:
-      extra["local_lr"] = message_down["local_lr"]
-    return extra
-
-  return FederatedAlgorithm(
-      name="fedavg_decay", oracle=oracles.first_order(example_loss),
-      client_tx=scale_by_local_lr(client_lr), server_tx=server_tx, schedule=schedule,
-      weighting=weighting, broadcast=broadcast, client_extra_args=client_extra_args)
+      round_metrics=rate_metrics)
 
 
 # ---------------------------------------------------------------------- from config
@@ -599,17 +564,18 @@ def from_config_for(variant: str):
     raise ValueError(f"Unknown FedHyper variant {variant!r}.")
   name = f"fedhyper_{variant}"
 
-  def from_config(config, example_loss):
+  def from_config(config, example_loss, model=None):
     if variant in ("g", "gm"):
       base_name = config.get("fedhyper_base", "fedavg")
       if base_name.startswith("fedhyper"):
         raise ValueError(f"fedhyper_base must be a method without FedHyper rules "
-                         f"(fedavg, fedprox, scaffold, fedadam, fal, ...), got {base_name!r}.")
+                         f"(fedavg, fedprox, scaffold, fedadam, fal, fot, ...), got "
+                         f"{base_name!r}.")
       if base_name == "fedavg":
         base = _baseline(config, example_loss, name)
       else:
         import algorithms   # the registry; imported here because it imports this module
-        base = algorithms.build(base_name, config, example_loss)
+        base = algorithms.build(base_name, config, example_loss, model=model)
       return on_top(base, global_rule_from_config(config, variant == "gm"), name)
     server_rule = None
     if variant == "sl":
@@ -628,16 +594,3 @@ def from_config_for(variant: str):
                     name=name)
 
   return from_config
-
-
-def fedavgm_from_config(config, example_loss):
-  return fedavgm(example_loss, config.client_lr, config.server_lr,
-                 config.get("server_momentum", 0.9), schedule_from_config(config),
-                 config.get("weighting", "num_examples"))
-
-
-def fedavg_decay_from_config(config, example_loss):
-  return fedavg_decay(example_loss, config.client_lr, config.server_lr,
-                      config.get("decay_rate", 0.995), config.get("decay_global", True),
-                      config.get("decay_local", True), schedule_from_config(config),
-                      config.get("weighting", "num_examples"))

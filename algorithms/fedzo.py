@@ -27,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from algorithms.scaffold import control_update, global_control
+from fedjax_lab import server_rules
 from fedjax_lab import zeroth_order as zo
-from fedjax_lab.algorithm import FederatedAlgorithm, apply_server_tx
+from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.transforms import add_control_variate, proximal
 
@@ -75,7 +77,6 @@ def fedzo(value: zo.ObjectiveFn, client_lr: float = 0.01, local_steps: int = 10,
   base_tx = client_optimizer(optimizer, client_lr)
   if bounds is not None:
     base_tx = optax.chain(base_tx, zo.project_to_box(*bounds))
-  server_tx = optax.sgd(server_lr)
   controlled = correction in ("scaf", "diff")
 
   def init_client_state(x):
@@ -87,7 +88,7 @@ def fedzo(value: zo.ObjectiveFn, client_lr: float = 0.01, local_steps: int = 10,
   def broadcast(state):
     down = {"params": state.params}
     if controlled:
-      down["control"] = state.extra["control"]
+      down["control"] = global_control(state)
     return down
 
   def client_extra_args(down, client_state):
@@ -110,13 +111,6 @@ def fedzo(value: zo.ObjectiveFn, client_lr: float = 0.01, local_steps: int = 10,
       new_state["control"] = control
     return up, new_state
 
-  def server_update(state, aggregate, cohort_fraction):
-    state = apply_server_tx(server_tx, state, aggregate["delta"])
-    if controlled:
-      control = state.extra["control"] + cohort_fraction * aggregate["control_delta"]
-      state = state._replace(extra={**state.extra, "control": control})
-    return state
-
   if correction == "prox":
     client_tx = optax.chain(proximal(prox_mu), base_tx)
   elif controlled:
@@ -125,11 +119,10 @@ def fedzo(value: zo.ObjectiveFn, client_lr: float = 0.01, local_steps: int = 10,
     client_tx = base_tx
   return FederatedAlgorithm(
       name=name, oracle=zo.two_point_oracle(value, num_directions, smoothing, directions, scale),
-      client_tx=client_tx, server_tx=server_tx, schedule=local_schedule(local_steps),
+      client_tx=client_tx, server_tx=optax.sgd(server_lr), schedule=local_schedule(local_steps),
       weighting="uniform", init_client_state=init_client_state,
-      init_extra=(lambda x: {"control": jnp.zeros_like(x)}) if controlled else None,
-      broadcast=broadcast, client_extra_args=client_extra_args, client_final=client_final,
-      server_update=server_update)
+      server_rule=control_update() if controlled else server_rules.identity(),
+      broadcast=broadcast, client_extra_args=client_extra_args, client_final=client_final)
 
 
 def _value_fn(problem):

@@ -363,7 +363,7 @@ class FedProject:
   def __call__(self, state: ServerState, task, task_index: int, rng):
     if self._stat is None:
       self._stat = continual.make_client_statistic(self._client_fn, secure_sum(), self.backend)
-    bases = get_bases(state.opt_state)
+    bases = get_bases(state.rule_state)
     sums = continual.run_client_statistic(
         self._stat, (state.params, bases), task.train, rng, self.clients, self.samples,
         self.backend)
@@ -376,31 +376,33 @@ class FedProject:
                                           self.squared_ratio, self.min_new_columns)
       info[f"basis/{name}"] = int(np.asarray(new_bases[name].mask).sum())
       info[f"ratio/{name}"] = r_bar
-    return state._replace(opt_state=set_bases(state.opt_state, new_bases)), info
+    return state._replace(rule_state=set_bases(state.rule_state, new_bases)), info
 
 
 def fot(example_loss, client_lr: float, server_lr: float = 1.0,
         schedule: LocalSchedule = LocalSchedule(), weighting: str = "uniform",
         exclude: Sequence[str] = (), max_columns: Optional[int] = None,
-        weight_decay: float = 0.0) -> FederatedAlgorithm:
+        weight_decay: float = 0.0, task_boundary: Optional[Callable] = None
+        ) -> FederatedAlgorithm:
   """FOT's rounds: local SGD (optional weight decay, 1e-5 in the paper's runs), the
-  aggregated update projected before the server SGD. Pair with a ``FedProject`` hook
-  at task ends."""
+  aggregated update projected (the server rule) before the server SGD (``server_tx``,
+  replaceable). ``task_boundary`` is FedProject's step (``FedProject``); ``from_config``
+  attaches it when given the model."""
   client_tx = optax.sgd(client_lr)
   if weight_decay:
     client_tx = optax.chain(optax.add_decayed_weights(weight_decay), client_tx)
   return FederatedAlgorithm(
       name="fot", oracle=oracles.first_order(example_loss), client_tx=client_tx,
-      server_tx=optax.chain(orthogonal_projection(tuple(exclude), max_columns),
-                            optax.sgd(server_lr)),
-      schedule=schedule, weighting=weighting)
+      server_tx=optax.sgd(server_lr), server_rule=orthogonal_projection(tuple(exclude), max_columns),
+      schedule=schedule, weighting=weighting, task_boundary=task_boundary)
 
 
 # ------------------------------------------------------------------------------ GPM
 
 def gpm(example_loss, client_lr: float, schedule: LocalSchedule = LocalSchedule(),
         exclude: Sequence[str] = (), max_columns: Optional[int] = None,
-        weight_decay: float = 0.0) -> FederatedAlgorithm:
+        weight_decay: float = 0.0, task_boundary: Optional[Callable] = None
+        ) -> FederatedAlgorithm:
   """GPM's training steps: every local gradient projected with the broadcast bases.
 
   Run it with a single client holding all of a task's data (centralized); the server
@@ -422,7 +424,7 @@ def gpm(example_loss, client_lr: float, schedule: LocalSchedule = LocalSchedule(
       name="gpm", oracle=oracles.first_order(example_loss), client_tx=optax.chain(*steps),
       server_tx=optax.sgd(1.0), schedule=schedule, weighting="num_examples",
       init_extra=lambda params: {"bases": empty_bases(params, tuple(exclude), max_columns)},
-      broadcast=broadcast, client_extra_args=client_extra_args)
+      broadcast=broadcast, client_extra_args=client_extra_args, task_boundary=task_boundary)
 
 
 @dataclasses.dataclass
@@ -463,17 +465,21 @@ class GPMUpdate:
 
 # --------------------------------------------------------------------------- configs
 
-def from_config(config, example_loss) -> FederatedAlgorithm:
+def from_config(config, example_loss, model=None) -> FederatedAlgorithm:
+  """FOT from ``config``; with ``model`` (its linen ``apply``) FedProject runs at task ends."""
   return fot(example_loss, config.client_lr, config.get("server_lr", 1.0),
              schedule_from_config(config), config.get("weighting", "uniform"),
              tuple(config.get("fot_exclude", ())), config.get("fot_max_columns", None) or None,
-             config.get("weight_decay", 0.0))
+             config.get("weight_decay", 0.0),
+             None if model is None else fedproject_from_config(config, model,
+                                                               config.get("backend", "vmap")))
 
 
-def gpm_from_config(config, example_loss) -> FederatedAlgorithm:
+def gpm_from_config(config, example_loss, model=None) -> FederatedAlgorithm:
   return gpm(example_loss, config.client_lr, schedule_from_config(config),
              tuple(config.get("fot_exclude", ())), config.get("fot_max_columns", None) or None,
-             config.get("weight_decay", 0.0))
+             config.get("weight_decay", 0.0),
+             None if model is None else gpm_update_from_config(config, model))
 
 
 def fedproject_from_config(config, model, backend: str = "vmap") -> FedProject:

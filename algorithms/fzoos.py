@@ -36,7 +36,7 @@ its objectives are flat outside [0, 1]^d, where a coordinate that has left the b
 be pushed further out by a surrogate fitted to its own trajectory (the launch configs
 project, for every method alike).
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +44,33 @@ import numpy as np
 import optax
 
 from algorithms.fedzo import _value_fn, client_optimizer, local_schedule, problem_bounds
+from fedjax_lab import server_rules
 from fedjax_lab import zeroth_order as zo
-from fedjax_lab.algorithm import FederatedAlgorithm, apply_server_tx
+from fedjax_lab.algorithm import FederatedAlgorithm
 
 
 def rff_correction_grad(surrogate, x):
   """``grad_x phi(x)^T nu`` for ``surrogate = (rff, nu)``."""
   rff, nu = surrogate
   return zo.rff_grad(rff, nu, x)
+
+
+class SurrogateConsensusState(NamedTuple):
+  """The server's surrogate weights: nu = mean_i nu_i of the last round (has_nu: any yet)."""
+  nu: jax.Array
+  has_nu: jax.Array
+
+
+def surrogate_consensus(rff_features: int) -> server_rules.ServerRule:
+  """Keeps ``aggregate['nu']``, the averaged RFF weights the next round's correction uses."""
+  def init_fn(x):
+    return SurrogateConsensusState(jnp.zeros((rff_features,), x.dtype), jnp.zeros((), bool))
+
+  def update_fn(updates, state, params=None, *, aggregate=None, **extra):
+    del state, params, extra
+    return updates, SurrogateConsensusState(aggregate["nu"], jnp.ones((), bool))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def fzoos(value: zo.ObjectiveFn, row_template: dict, dim: int, client_lr: float = 0.01,
@@ -95,7 +114,6 @@ def fzoos(value: zo.ObjectiveFn, row_template: dict, dim: int, client_lr: float 
                      f"got {rff_explore}.")
   if surrogate.buffer_size < max(surrogate.num_init, surrogate.num_explore, rff_explore) + 1:
     raise ValueError(f"buffer_size={surrogate.buffer_size} is smaller than one step's queries.")
-  server_tx = optax.sgd(server_lr)
   rff_key = jax.random.PRNGKey(rff_seed)
 
   def features():
@@ -111,12 +129,11 @@ def fzoos(value: zo.ObjectiveFn, row_template: dict, dim: int, client_lr: float 
             "lengthscale": jnp.ones((), x.dtype),
             "queries": jnp.zeros((), jnp.int32)}
 
-  def init_extra(x):
-    return {"nu": jnp.zeros((rff_features,), x.dtype), "has_nu": jnp.zeros((), bool)}
-
   def broadcast(state):
-    return {"params": state.params, "nu": state.extra["nu"],
-            "has_nu": state.extra["has_nu"], "rff": features()}
+    consensus = server_rules.require_state(state.rule_state, SurrogateConsensusState,
+                                           "surrogate_consensus")
+    return {"params": state.params, "nu": consensus.nu, "has_nu": consensus.has_nu,
+            "rff": features()}
 
   def init_oracle_state(down, client_state):
     return zo.surrogate_oracle_state(client_state["buffer"], row_template,
@@ -151,21 +168,16 @@ def fzoos(value: zo.ObjectiveFn, row_template: dict, dim: int, client_lr: float 
     up = {"delta": x_t - x_r, "nu": jnp.where(active, nu, 0.0)}
     return up, new_state
 
-  def server_update(state, aggregate, cohort_fraction):
-    del cohort_fraction
-    state = apply_server_tx(server_tx, state, aggregate["delta"])
-    return state._replace(extra={"nu": aggregate["nu"], "has_nu": jnp.ones((), bool)})
-
   client_tx = optax.chain(zo.surrogate_correction(rff_correction_grad, gamma),
                           client_optimizer(optimizer, client_lr))
   if bounds is not None:
     client_tx = optax.chain(client_tx, zo.project_to_box(*bounds))
   return FederatedAlgorithm(
       name=name, oracle=zo.surrogate_oracle(value, surrogate), client_tx=client_tx,
-      server_tx=server_tx, schedule=local_schedule(local_steps), weighting="uniform",
-      init_client_state=init_client_state, init_extra=init_extra, broadcast=broadcast,
-      client_extra_args=client_extra_args, client_final=client_final,
-      server_update=server_update, init_oracle_state=init_oracle_state)
+      server_tx=optax.sgd(server_lr), schedule=local_schedule(local_steps), weighting="uniform",
+      server_rule=surrogate_consensus(rff_features), init_client_state=init_client_state,
+      broadcast=broadcast, client_extra_args=client_extra_args, client_final=client_final,
+      init_oracle_state=init_oracle_state)
 
 
 def queries_per_round(local_steps: int, num_explore: int = 5, rff_explore: int = 50) -> int:

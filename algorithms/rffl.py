@@ -30,12 +30,15 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from algorithms.fedavg import fedavg, schedule_from_config
 from fedjax_lab import aggregate as aggregate_lib
 from fedjax_lab import byzantine
-from fedjax_lab.algorithm import FederatedAlgorithm, ServerState, apply_server_tx
+from fedjax_lab import server_rules
+from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.transforms import Aggregator
+from fedjax_lab.types import PyTree
 
 CLIENT_ID_KEY = "_client_id"
 
@@ -170,9 +173,7 @@ class RFFLAlgorithm(byzantine.TaggedAlgorithm):
     if self.personalized:
       models = jax.tree.map(
           lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)).copy(), params)
-      state = state._replace(
-          client_states={**state.client_states, "model": models},
-          extra={**state.extra, "reward": jax.tree.map(jnp.zeros_like, params)})
+      state = state._replace(client_states={**state.client_states, "model": models})
     return state
 
   def client_update(self, message_down, one_client, max_examples):
@@ -183,6 +184,23 @@ class RFFLAlgorithm(byzantine.TaggedAlgorithm):
     start = jax.tree.map(jnp.add, client_state["model"],
                          top_fraction(message_down["reward"], q))
     return super().client_update({**message_down, "params": start}, one_client, max_examples)
+
+
+class RewardState(NamedTuple):
+  """reward: the last reputation-weighted aggregate, the clients' reward (personalized)."""
+  reward: PyTree
+
+
+def keep_reward() -> server_rules.ServerRule:
+  """Keeps ``aggregate['delta']`` as the next round's reward; ``g`` passes unchanged."""
+  def init_fn(params):
+    return RewardState(jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None, *, aggregate=None, **extra):
+    del state, params, extra
+    return updates, RewardState(aggregate["delta"])
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def rffl(method: FederatedAlgorithm, alpha: float = 0.95, beta: float = 1.0 / 3.0,
@@ -197,8 +215,6 @@ def rffl(method: FederatedAlgorithm, alpha: float = 0.95, beta: float = 1.0 / 3.
   method = byzantine.with_client_tags(method)
   inner_final = method.client_final
   inner_broadcast = method.broadcast
-  base_server = method.server_update
-  server_tx = method.server_tx
 
   def client_final(local, message_down, client_state):
     message_up, new_state = inner_final(local, message_down, client_state)
@@ -215,23 +231,16 @@ def rffl(method: FederatedAlgorithm, alpha: float = 0.95, beta: float = 1.0 / 3.
       # q_i = r_i / max_j r_j; a client not seen yet takes the whole reward.
       share = jnp.where(rep.seen, rep.reputation / jnp.maximum(jnp.max(rep.reputation), 1e-12),
                         1.0)
-      down = {**down, "reward": state.extra["reward"], "reward_share": share}
+      reward = server_rules.require_state(state.rule_state, RewardState, "keep_reward").reward
+      down = {**down, "reward": reward, "reward_share": share}
     return down
-
-  def server_update(state, aggregate, cohort_fraction):
-    if base_server is None:
-      state = apply_server_tx(server_tx, state, aggregate["delta"])
-    else:
-      state = base_server(state, aggregate, cohort_fraction)
-    if personalized:
-      state = state._replace(extra={**state.extra, "reward": aggregate["delta"]})
-    return state
 
   fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
   fields.update(name=f"rffl_{method.name}" if method.name != "fedavg" else "rffl",
                 aggregator=reputation_aggregator(alpha, beta, clip),
-                client_final=client_final, broadcast=broadcast, server_update=server_update,
-                personalized=personalized)
+                client_final=client_final, broadcast=broadcast, personalized=personalized)
+  if personalized:
+    fields["server_rule"] = server_rules.chain(method.server_rule, keep_reward())
   return RFFLAlgorithm(**fields)
 
 

@@ -10,10 +10,13 @@ The round (DESIGN.md, "The round, as data flows"):
       local  = local_train(oracle, client_tx, schedule, down['params'], ...)
       up, client_state' = client_final(local, down, client_state)
     agg      = aggregator(up[C], weights[C])                # inside the mapped region
-    state    = server_update(state, agg, C / N)             # default: server_tx on -agg['delta']
+    g, rule  = server_rule(-agg['delta'], aggregate=agg)    # the method's own server step
+    params   = params + server_tx(g)                        # any optax transform
 
 Methods replace hooks with ``dataclasses.replace`` or construct the dataclass with
-their own; everything else is shared.
+their own; everything else is shared. ``server_tx`` is replaceable on every method:
+what a method does at the server beyond the optimizer step is its ``server_rule``
+(``fedjax_lab.server_rules``).
 """
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
@@ -26,6 +29,7 @@ from fedjax_lab import aggregate as aggregate_lib
 from fedjax_lab import client as client_lib
 from fedjax_lab import parallel
 from fedjax_lab import sampling
+from fedjax_lab import server_rules
 from fedjax_lab.data.federated import FederatedData, gather_cohort
 from fedjax_lab.transforms import Aggregator, GradientOracle, as_extra_args
 from fedjax_lab.types import Params, PRNGKey, PyTree
@@ -40,8 +44,10 @@ class ServerState(NamedTuple):
     round: int32 scalar, rounds completed.
     rng: uint32[2] base key; round r uses fold_in(rng, r).
     client_states: per-client persistent state, leaves ``[num_clients, ...]`` (or ()).
-    extra: method-specific server state (e.g. SCAFFOLD's global control variate).
+    extra: method-specific server state that no rule owns (e.g. GPM's bases).
     agg_state: aggregator state.
+    rule_state: the method's server-rule state (e.g. SCAFFOLD's global control
+      variate, FedHyper's accumulators, FOT's bases).
   """
   params: Params
   opt_state: PyTree
@@ -50,6 +56,7 @@ class ServerState(NamedTuple):
   client_states: PyTree
   extra: dict
   agg_state: PyTree
+  rule_state: PyTree = ()
 
 
 def default_broadcast(state: ServerState) -> dict:
@@ -69,7 +76,7 @@ def default_client_final(local: client_lib.LocalResult, message_down: dict,
 
 def apply_server_tx(server_tx: optax.GradientTransformation, state: ServerState,
                     mean_delta: Params) -> ServerState:
-  """``x <- x + server_tx(-mean_delta)``: the pseudo-gradient step of FedOpt."""
+  """``x <- x + server_tx(-mean_delta)``: the pseudo-gradient step of FedOpt (no rule)."""
   pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
   updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
   return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
@@ -83,12 +90,16 @@ class FederatedAlgorithm:
     name: registry name.
     oracle: gradient oracle used at every local step.
     client_tx: client optax transform (extra args: ``global_params`` + method extras).
-    server_tx: server optax transform on the pseudo-gradient.
+    server_tx: server optax transform on the pseudo-gradient; replaceable on every
+      method (``dataclasses.replace(method, server_tx=optax.adam(1e-2))``).
     schedule: local epochs/steps and batch size.
     aggregator: reduces client messages.
     weighting: ``'num_examples'`` (w_i = n_i) or ``'uniform'`` (w_i = 1).
+    server_rule: the method's own server step before ``server_tx``
+      (``fedjax_lab.server_rules``): ``update(g, rule_state, params, *, aggregate,
+      cohort_fraction) -> (g', rule_state')`` with ``g = -aggregate['delta']``.
     init_client_state: ``params -> one client's persistent state`` (None: stateless).
-    init_extra: ``params -> dict`` of method server state.
+    init_extra: ``params -> dict`` of method server state that no rule owns.
     broadcast / client_extra_args / client_final: hooks, see module docstring.
     init_oracle_state: ``(message_down, client_state) -> oracle state`` (None:
       ``oracle.init(params)``), for oracles with a per-client history.
@@ -96,8 +107,11 @@ class FederatedAlgorithm:
       (None: all of the schedule's); later steps are masked, shapes stay static.
     round_metrics: ``state -> dict`` of scalars logged with each round's metrics
       (e.g. a learning rate the server adapts).
-    server_update: ``(state, aggregate, cohort_fraction) -> state``; None applies
-      ``server_tx`` to ``-aggregate['delta']``.
+    task_boundary: continual methods' step at the end of a task,
+      ``(state, task, task_index, rng) -> (state, info dict)`` (FOT's FedProject,
+      EWC's Fisher, GPM's bases), run by ``continual.run_stream``; it belongs to the
+      method, so a method built on top of one (FedHyper on FOT) keeps it. None:
+      nothing happens between tasks.
   """
   name: str
   oracle: GradientOracle
@@ -106,19 +120,22 @@ class FederatedAlgorithm:
   schedule: client_lib.LocalSchedule
   aggregator: Aggregator = dataclasses.field(default_factory=aggregate_lib.weighted_mean)
   weighting: str = "num_examples"
+  server_rule: server_rules.ServerRule = dataclasses.field(default_factory=server_rules.identity)
   init_client_state: Optional[Callable[[Params], PyTree]] = None
   init_extra: Optional[Callable[[Params], dict]] = None
   broadcast: Callable[[ServerState], dict] = default_broadcast
   client_extra_args: Callable[[dict, PyTree], dict] = default_client_extra_args
   client_final: Callable[..., tuple[dict, PyTree]] = default_client_final
-  server_update: Optional[Callable[[ServerState, dict, float], ServerState]] = None
   init_oracle_state: Optional[Callable[[dict, PyTree], PyTree]] = None
   step_limit: Optional[Callable[[dict], jax.Array]] = None
   round_metrics: Optional[Callable[[ServerState], dict]] = None
+  task_boundary: Optional[Callable] = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
       raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
+    # A plain optax transform is a rule too: it ignores the server step's extra arguments.
+    object.__setattr__(self, "server_rule", optax.with_extra_args_support(self.server_rule))
 
   def init(self, params: Params, rng: PRNGKey, num_clients: int) -> ServerState:
     """Server state for a population of ``num_clients`` clients."""
@@ -135,7 +152,8 @@ class FederatedAlgorithm:
         rng=jnp.asarray(rng, jnp.uint32),
         client_states=client_states,
         extra=self.init_extra(params) if self.init_extra else {},
-        agg_state=self.aggregator.init())
+        agg_state=self.aggregator.init(),
+        rule_state=self.server_rule.init(params))
 
   def client_update(self, message_down: dict, one_client: tuple, max_examples: int):
     """One client's round: ``(message_up, weight, outputs)`` for parallel.py."""
@@ -157,11 +175,54 @@ class FederatedAlgorithm:
                "aux_totals": {k: v for k, v in local.aux_totals.items() if k != "loss"}}
     return message_up, weight, outputs
 
+  def server_step(self, state: ServerState, aggregate: dict, cohort_fraction) -> ServerState:
+    """The server's step from an aggregate: ``server_rule`` then ``server_tx``.
+
+    ``x <- x + server_tx(rule(-aggregate['delta']))``; the rule also sees the whole
+    aggregate (e.g. SCAFFOLD's ``control_delta``) and ``cohort_fraction = C / N``.
+    """
+    pseudo_grad = jax.tree.map(jnp.negative, aggregate["delta"])
+    pseudo_grad, rule_state = self.server_rule.update(
+        pseudo_grad, state.rule_state, state.params, aggregate=aggregate,
+        cohort_fraction=cohort_fraction)
+    updates, opt_state = self.server_tx.update(pseudo_grad, state.opt_state, state.params)
+    return state._replace(params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state, rule_state=rule_state)
+
   def finish_round(self, state: ServerState, aggregate: dict, cohort_fraction: float
                    ) -> ServerState:
-    if self.server_update is None:
-      return apply_server_tx(self.server_tx, state, aggregate["delta"])
-    return self.server_update(state, aggregate, cohort_fraction)
+    return self.server_step(state, aggregate, cohort_fraction)
+
+
+def aggregate_and_step(algorithm: FederatedAlgorithm, state: ServerState, messages: PyTree,
+                       weights: jax.Array, cohort_fraction=1.0) -> tuple[ServerState, dict]:
+  """Aggregates stacked client messages and applies the method's server step.
+
+  What an external cross-check calls with messages computed elsewhere (another
+  library's clients, a hand-written reference): the method's aggregator, then its
+  ``server_rule`` and ``server_tx``. Does not advance ``state.round`` or touch the
+  client-state table.
+
+  Args:
+    algorithm: the method.
+    state: the server state before the step.
+    messages: client messages stacked ``[C, ...]`` (a dict with at least ``'delta'``,
+      plus whatever the method's rule reads, e.g. SCAFFOLD's ``'control_delta'``).
+    weights: float ``[C]`` client weights (e.g. example counts).
+    cohort_fraction: ``C / N`` (SCAFFOLD scales its control update by it).
+
+  Returns:
+    ``(state, aggregate)``.
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+  count = jax.tree.leaves(messages)[0].shape[0]
+  if weights.shape != (count,):
+    raise ValueError(f"weights must have shape ({count},) to match the {count} stacked "
+                     f"messages, got {weights.shape}.")
+  # One device, no collectives: the messages are all here.
+  aggregate, agg_state = algorithm.aggregator.update(messages, weights, state.agg_state, None)
+  state = algorithm.server_step(state._replace(agg_state=agg_state), aggregate, cohort_fraction)
+  return state, aggregate
 
 
 def _gather_rows(tree: PyTree, ids: jax.Array) -> PyTree:

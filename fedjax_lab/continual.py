@@ -339,12 +339,15 @@ def run_stream(algorithm: FederatedAlgorithm, stream: TaskStream, init_params, e
     opts: run options.
     on_task_end: ``(state, task, task_index, rng) -> (state, info)``, called after
       task ``task_index`` is trained and evaluated (row ``acc[task_index]``); it
-      prepares the next task (FOT's FedProject, EWC's Fisher, GPM's basis).
+      prepares the next task (FOT's FedProject, EWC's Fisher, GPM's basis). None:
+      the method's own ``algorithm.task_boundary`` (which may be None too).
 
   Returns:
     A ``StreamResult``.
   """
   _check_stream(stream, opts)
+  if on_task_end is None:
+    on_task_end = algorithm.task_boundary
   num_tasks, rounds = len(stream), opts.rounds_per_task
   template = max(stream, key=lambda t: t.train.max_client_size).train
   run_rounds, traces = _compiled_rounds(algorithm, template, opts.clients_per_round, opts.backend)

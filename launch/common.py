@@ -79,6 +79,26 @@ def build(config) -> Experiment:
   return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
 
 
+def build_any(config):
+  """``(method, init_params, train_data)`` for the config of any registered method.
+
+  Dispatches on the config's keys as ``algorithms.example_config`` documents:
+  ``stream`` (continual: the first task's clients), ``problem`` (black-box
+  objectives: the problem's clients and x0), else an image or text task.
+  """
+  if "stream" in config:
+    from launch import continual
+    stream, _, method, params = continual.build(config)
+    return method, params, stream[0].train
+  if "problem" in config:
+    from launch import zeroth_order
+    problem = zeroth_order.make_problem(config)
+    return (algorithms.build(config.algorithm, config, problem), jax.numpy.asarray(problem.x0),
+            problem.data)
+  exp = build(config)
+  return exp.algorithm, exp.init_params, exp.train_data
+
+
 def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()):
   """Trains per ``config``; returns (state, history, summary dict).
 

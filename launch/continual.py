@@ -5,9 +5,11 @@
     python -m launch.continual --config=launch/configs/fot_permuted_digits.py:fedavg_ewc
     python -m launch.continual --config=launch/configs/fot_split_digits.py --workdir=/tmp/split
 
-Methods: any registered one (``fedavg`` fine-tuning, ``fedprox``, ...) plus the
-task-end steps of ``fot`` (FedProject), ``fedavg_ewc`` (aggregated Fisher) and ``gpm``
-(centralized: all of a task's data on one client). With --workdir, metrics go to
+Methods: any registered one (``fedavg`` fine-tuning, ``fedprox``, ...). A method's
+task-end step belongs to it: ``fot`` (FedProject), ``fedavg_ewc`` (aggregated Fisher),
+``gpm`` (centralized: all of a task's data on one client), and methods built on them
+(``--config.algorithm=fedhyper_g --config.fedhyper_base=fot`` runs FedHyper's global
+rate on FOT, FedProject included). With --workdir, metrics go to
 metrics.jsonl, a checkpoint is written after every task, and rerunning resumes. The
 last line printed is one JSON object (algorithm, tasks, acc, bwt, forgetting, the
 accuracy matrix, wall_s).
@@ -22,7 +24,6 @@ import jax
 import numpy as np
 
 import algorithms
-from algorithms import fedewc, fot
 from fedjax_lab import continual
 from fedjax_lab import models as models_lib
 from fedjax_lab.data import continual as streams
@@ -61,34 +62,27 @@ def build_model(config, stream: streams.TaskStream) -> models_lib.Model:
   return models_lib.cnn(num_classes=stream.num_classes)
 
 
-def task_end_hook(config, model, example_loss, backend: str):
-  """The method's task-boundary step (None for plain fine-tuning baselines)."""
-  if config.algorithm == "fot":
-    return fot.fedproject_from_config(config, model, backend)
-  if config.algorithm == "gpm":
-    return fot.gpm_update_from_config(config, model)
-  if config.algorithm == "fedavg_ewc":
-    return fedewc.fisher_from_config(config, example_loss, backend)
-  return None
+def build(config):
+  """``(stream, model, method, init_params)`` of a continual config."""
+  stream = build_stream(config)
+  model = build_model(config, stream)
+  masks = stream.class_masks if stream.scenario == "task" else None
+  example_loss = continual.classification_loss(model, masks)
+  method = algorithms.build(config.algorithm, config, example_loss, model=model)
+  params = model.init(jax.random.PRNGKey(config.seed + 1), stream[0].train.arrays["x"][:1])
+  return stream, model, method, params
 
 
 def run(config, workdir: Optional[str] = None, progress: bool = True):
   """Runs the stream of ``config``; returns (StreamResult, summary dict)."""
   start = time.perf_counter()
-  stream = build_stream(config)
-  model = build_model(config, stream)
-  masks = stream.class_masks if stream.scenario == "task" else None
-  example_loss = continual.classification_loss(model, masks)
-  method = algorithms.build(config.algorithm, config, example_loss)
-  params = model.init(jax.random.PRNGKey(config.seed + 1), stream[0].train.arrays["x"][:1])
+  stream, model, method, params = build(config)
   clients_per_round = 1 if config.algorithm == "gpm" else config.clients_per_round
   opts = continual.StreamOptions(
       rounds_per_task=config.rounds_per_task, clients_per_round=clients_per_round,
       backend=config.backend, seed=config.seed, eval_every=config.get("eval_every", 0),
       rounds_per_call=config.get("rounds_per_call", 10), workdir=workdir, progress=progress)
-  hook = task_end_hook(config, model, example_loss, config.backend)
-  result = continual.run_stream(method, stream, params, continual.make_evaluator(model), opts,
-                                hook)
+  result = continual.run_stream(method, stream, params, continual.make_evaluator(model), opts)
   m = result.metrics
   summary = {"algorithm": config.algorithm, "stream": stream.scenario, "tasks": len(stream),
              "acc": round(m["acc"], 4), "bwt": round(m["bwt"], 4),

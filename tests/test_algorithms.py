@@ -9,7 +9,7 @@ from algorithms.fedavg import fedavg
 from algorithms.fedopt import fedopt
 from algorithms.fedprox import fedprox
 from algorithms.fedsgd import fedsgd
-from algorithms.scaffold import scaffold
+from algorithms.scaffold import global_control, scaffold
 from fedjax_lab.algorithm import make_round, sample_cohort
 from fedjax_lab.client import LocalSchedule
 from reference import (linear_example_loss, linear_grad, linear_problem, local_sgd, run_rounds,
@@ -112,7 +112,7 @@ def test_scaffold_two_rounds_match_numpy_with_partial_participation():
     c = {k: c[k] + cohort / len(sizes) * np.mean([d[k] for d in dcs], axis=0) for k in x}
     state = states[r + 1]
     tree_close(state.params, x, atol=1e-5)
-    tree_close(state.extra["control"], c, atol=1e-5)
+    tree_close(global_control(state), c, atol=1e-5)
     for i in range(len(sizes)):
       tree_close(jax.tree.map(lambda v: v[i], state.client_states), ci[i], atol=1e-5)
   # Scatter: sampled clients got non-zero control variates, the others kept zeros.

@@ -13,9 +13,11 @@ import pytest
 from algorithms import fedexp as fedexp_lib
 from algorithms import fedhyper as fh
 from algorithms.fedavg import fedavg
+from algorithms.fedavg_decay import fedavg_decay
+from algorithms.fedavgm import fedavgm
 from algorithms.fedopt import fedopt
 from algorithms.fedprox import fedprox
-from algorithms.scaffold import scaffold
+from algorithms.scaffold import global_control, scaffold
 from fedjax_lab.algorithm import make_round
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import FederatedData
@@ -181,7 +183,7 @@ def test_first_round_equals_fedavg_exactly():
     hyper = first_round(fh.on_top(base, rule))
     for k in params:
       np.testing.assert_array_equal(np.asarray(hyper.params[k]), np.asarray(plain.params[k]))
-    assert float(fh.global_rate(hyper.opt_state)) == 1.0
+    assert float(fh.global_rate(hyper)) == 1.0
 
 
 # ------------------------------------------------ composability: G on other methods
@@ -208,7 +210,7 @@ def test_g_on_fedprox_matches_numpy(clip_hi):
     return local_sgd(x, c["x"], c["y"], 0.1, 2, 2, mu=0.5)[0]
   x, acc = np_g_run(data, params, 3, local, SIZES, 0.8, hi=clip_hi)
   tree_close(state.params, x, atol=1e-5)
-  assert float(fh.global_rate(state.opt_state)) == pytest.approx(1 + acc, abs=1e-5)
+  assert float(fh.global_rate(state)) == pytest.approx(1 + acc, abs=1e-5)
   assert abs(acc) > 1e-2
 
 
@@ -241,7 +243,7 @@ def test_g_on_scaffold_matches_numpy():
     c = {k: c[k] + np.mean([d[k] for d in dcs], axis=0) for k in x}   # |S| = N
     prev = delta
     tree_close(states[t + 1].params, x, atol=1e-5)
-    tree_close(states[t + 1].extra["control"], c, atol=1e-5)
+    tree_close(global_control(states[t + 1]), c, atol=1e-5)
   assert abs(acc) > 1e-3
 
 
@@ -278,7 +280,7 @@ def test_sl_emits_clipped_local_rate_and_clients_use_it():
   x, acc, prev, lr = to_numpy(params), 0.0, None, eta0
   emitted = []
   for t in range(4):
-    assert float(fh.local_rate(states[t].opt_state)) == pytest.approx(lr, abs=1e-6)
+    assert float(fh.local_rate(states[t])) == pytest.approx(lr, abs=1e-6)
     def local(i, xx, lr=lr):
       c = data.client(i)
       return local_sgd(xx, c["x"], c["y"], lr, 2, 2)[0]
@@ -412,7 +414,8 @@ def test_cl_algorithm_matches_numpy_and_resets_each_round(with_g, keep):
     x = {k: x[k] + (1 + acc) * delta[k] for k in x}
     prev = delta
     tree_close(states[t + 1].params, x, atol=1e-5)
-    tree_close(states[t + 1].extra["prev_delta"], delta, atol=1e-5)
+    tree_close(fh.find_state(states[t + 1].rule_state, fh.PreviousUpdateState).delta, delta,
+               atol=1e-5)
   # The rate moved within a round; every round restarted from beta = 1 unless kept.
   assert max(abs(b - 1.0) for betas in all_betas for b in betas) > 0.02
   if keep:
@@ -452,13 +455,13 @@ def test_fedexp_matches_numpy():
     x = {k: x[k] + 0.9 * eta * delta[k] for k in x}
     steps.append(eta)
     tree_close(states[t + 1].params, x, atol=1e-5)
-    assert float(fedexp_lib.server_step_size(states[t + 1].opt_state)) == pytest.approx(eta, rel=1e-5)
+    assert float(fedexp_lib.server_step_size(states[t + 1])) == pytest.approx(eta, rel=1e-5)
   assert max(steps) > 1.2                    # extrapolation really happened
 
 
 def test_decay_and_server_momentum_match_numpy():
   data, params = linear_problem(SIZES)
-  states = run_rounds(fh.fedavg_decay(linear_example_loss, 0.1, 0.9, rate=0.8,
+  states = run_rounds(fedavg_decay(linear_example_loss, 0.1, 0.9, rate=0.8,
                                       schedule=NO_SHUFFLE), data, params, 3)
   x = to_numpy(params)
   for t in range(3):
@@ -469,7 +472,7 @@ def test_decay_and_server_momentum_match_numpy():
     delta, _ = np_mean_delta(data, x, local, SIZES)
     x = {k: x[k] + 0.9 * 0.8 ** t * delta[k] for k in x}
     tree_close(states[t + 1].params, x, atol=1e-5)
-  states = run_rounds(fh.fedavgm(linear_example_loss, 0.1, 0.7, momentum=0.9,
+  states = run_rounds(fedavgm(linear_example_loss, 0.1, 0.7, momentum=0.9,
                                  schedule=NO_SHUFFLE), data, params, 3)
   x = to_numpy(params)
   buf = {k: np.zeros_like(v) for k, v in x.items()}
@@ -597,13 +600,13 @@ def test_adapted_rates_are_logged_with_each_round():
     return local_sgd(x, c["x"], c["y"], 0.1, 2, 2, mu=0.5)[0]
   rates = [1 + np_g_run(data, params, r, local, SIZES, 0.8)[1] for r in (1, 2, 3)]
   np.testing.assert_allclose([h["global_rate"] for h in history], rates, atol=1e-5)
-  assert history[-1]["global_rate"] == pytest.approx(float(fh.global_rate(state.opt_state)))
+  assert history[-1]["global_rate"] == pytest.approx(float(fh.global_rate(state)))
   sl = fh.fedhyper(linear_example_loss, 0.1, schedule=NO_SHUFFLE,
                    server_rule=fh.fedhyper_server_local(0.1, min_lr=0.02, max_lr=0.12))
   state, history = training.train(sl, jax.tree.map(jnp.asarray, params), data,
                                   opts=training.TrainOptions(rounds=2, clients_per_round=3,
                                                              progress=False))
-  assert history[-1]["local_lr"] == pytest.approx(float(fh.local_rate(state.opt_state)))
+  assert history[-1]["local_lr"] == pytest.approx(float(fh.local_rate(state)))
   assert "global_rate" not in history[-1]
 
 

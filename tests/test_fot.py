@@ -180,7 +180,7 @@ def test_rounds_do_not_recompile_when_the_basis_grows(tiny_runs):
   grown = [info["basis/params/Dense_1/kernel"] for info in result.task_info]
   assert grown[0] < grown[1] < grown[2]
   # The bases are in the optimizer state with their pre-allocated shapes.
-  bases = fot.get_bases(result.state.opt_state)
+  bases = fot.get_bases(result.state.rule_state)
   assert bases["params/Dense_0/kernel"].u.shape == (16, 16)
   assert fot.basis_sizes(bases)["params/Dense_1/kernel"] == grown[2]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from algorithms.fedavg import fedavg
-from algorithms.scaffold import scaffold
+from algorithms.scaffold import global_control, scaffold
 from fedjax_lab import host_states, parallel
 from fedjax_lab.algorithm import make_multi_round, make_round, sample_cohort
 from fedjax_lab.client import LocalSchedule
@@ -68,7 +68,7 @@ def test_host_table_rounds_equal_device_table_rounds(backend, tmp_path):
   # the others still zero, and the server control variate moved.
   moved = np.flatnonzero(np.any(table["w"] != 0, axis=1))
   assert set(moved.tolist()) == touched and len(touched) < data.num_clients
-  assert np.abs(np.asarray(state.extra["control"]["w"])).max() > 1e-3
+  assert np.abs(np.asarray(global_control(state)["w"])).max() > 1e-3
   # Sharded: cohort 5 over 8 devices, so every round also ran 3 padding clients (id 12).
   assert parallel.padded_cohort_size(5, backend) == (8 if backend == "sharded" else 5)
 

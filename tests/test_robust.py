@@ -11,6 +11,7 @@ from algorithms import rffl as rffl_lib
 from algorithms.fedavg import fedavg
 from fedjax_lab import aggregate, byzantine, parallel, privacy, robust
 from fedjax_lab.algorithm import make_round, sample_cohort
+from fedjax_lab.server_rules import find_state
 from fedjax_lab.client import LocalSchedule
 from reference import linear_example_loss, linear_problem, local_sgd, to_numpy, tree_close
 
@@ -449,7 +450,7 @@ def test_rffl_personalized_round_and_fairness():
   w = np.array(SIZES, np.float64) / sum(SIZES)
   u = {k: sum(wi * d[k] for wi, d in zip(w, deltas)) for k in start}
   tree_close(new.params, {k: start[k] + u[k] for k in start}, atol=1e-5)
-  tree_close(new.extra["reward"], u, atol=1e-5)
+  tree_close(find_state(new.rule_state, rffl_lib.RewardState).reward, u, atol=1e-5)
   for i in range(5):
     tree_close(jax.tree.map(lambda v: v[i], rffl_lib.client_models(new)),
                {k: start[k] + deltas[i][k] for k in start}, atol=1e-5)

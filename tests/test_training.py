@@ -12,7 +12,7 @@ import pytest
 
 import algorithms
 from algorithms.fedopt import fedopt
-from algorithms.scaffold import scaffold
+from algorithms.scaffold import global_control, scaffold
 from fedjax_lab import checkpoint, host_states, training
 from fedjax_lab.algorithm import make_round
 from fedjax_lab.client import LocalSchedule
@@ -213,7 +213,7 @@ def test_host_client_states_equal_device_and_resume_bitwise(tmp_path, rounds_per
   # Params, optimizer and server state, round, RNG and every table row.
   assert_trees_equal(host, device, atol=1e-6)
   moved = np.any(host.client_states["w"] != 0, axis=1)
-  assert moved.sum() > 0 and np.abs(host.extra["control"]["w"]).max() > 1e-3
+  assert moved.sum() > 0 and np.abs(global_control(host)["w"]).max() > 1e-3
   device_lines = read_jsonl(str(tmp_path / "device" / "metrics.jsonl"))
   assert read_jsonl(str(tmp_path / "host" / "metrics.jsonl")) == device_lines
   # Killed after 3 rounds, then resumed: the table comes back from the checkpoint.

@@ -9,10 +9,16 @@ import pytest
 
 from algorithms import fedzo as fedzo_lib
 from algorithms import fzoos as fzoos_lib
+from algorithms.scaffold import global_control
 from fedjax_lab import client as client_lib
 from fedjax_lab import objectives, oracles
 from fedjax_lab import zeroth_order as zo
 from fedjax_lab.algorithm import make_round, sample_cohort
+from fedjax_lab.server_rules import find_state
+
+
+def consensus(state):
+  return find_state(state.rule_state, fzoos_lib.SurrogateConsensusState)
 
 
 # Jitted entry points: one compilation per test instead of one per eager op.
@@ -470,7 +476,7 @@ def test_fedzo_rounds_match_numpy(correction):
     np.testing.assert_allclose(np.asarray(state.params), x, rtol=2e-3, atol=2e-4)
     assert int(metrics["client_queries"]) == clients * steps * (q + 1)
   if correction in ("scaf", "diff"):
-    np.testing.assert_allclose(np.asarray(state.extra["control"]), c, rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(global_control(state)), c, rtol=2e-3, atol=1e-4)
     np.testing.assert_allclose(np.asarray(state.client_states["control"]), np.stack(c_i),
                                rtol=2e-3, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(state.client_states["queries"]),
@@ -526,8 +532,8 @@ def test_fzoos_server_surrogate_is_the_mean_of_the_clients(small_fzoos_run):
   problem, _, states, _ = small_fzoos_run
   for state in states[1:]:
     nus = np.asarray(state.client_states["nu"])
-    np.testing.assert_allclose(np.asarray(state.extra["nu"]), nus.mean(0), rtol=1e-5, atol=1e-6)
-    assert bool(state.extra["has_nu"]) and np.all(np.asarray(state.client_states["has_nu"]))
+    np.testing.assert_allclose(np.asarray(consensus(state).nu), nus.mean(0), rtol=1e-5, atol=1e-6)
+    assert bool(consensus(state).has_nu) and np.all(np.asarray(state.client_states["has_nu"]))
   # The surrogates differ between heterogeneous clients and are finite.
   nus = np.asarray(states[-1].client_states["nu"])
   assert np.all(np.isfinite(nus)) and np.abs(nus[0] - nus[1]).max() > 0
@@ -643,8 +649,8 @@ def test_fedzo_vmap_and_sharded_backends_agree():
     finals[backend] = state
   np.testing.assert_allclose(np.asarray(finals["vmap"].params),
                              np.asarray(finals["sharded"].params), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(finals["vmap"].extra["control"]),
-                             np.asarray(finals["sharded"].extra["control"]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(global_control(finals["vmap"])),
+                             np.asarray(global_control(finals["sharded"])), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -660,7 +666,7 @@ def test_fzoos_vmap_and_sharded_backends_agree(small_fzoos_run):
     state, _ = round_fn(state, arrays, offsets)
     np.testing.assert_allclose(np.asarray(state.params), np.asarray(states[r + 1].params),
                                atol=2e-4)
-    np.testing.assert_allclose(np.asarray(state.extra["nu"]), np.asarray(states[r + 1].extra["nu"]),
+    np.testing.assert_allclose(np.asarray(consensus(state).nu), np.asarray(consensus(states[r + 1]).nu),
                                rtol=1e-2, atol=1e-3)
   np.testing.assert_array_equal(np.asarray(state.client_states["queries"]),
                                 np.asarray(states[2].client_states["queries"]))

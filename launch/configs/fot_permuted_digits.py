@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.fot_squared_ratio = False   # True: GPM's exact energy criterion
   config.fot_min_new = 1             # the code adds >= 1 direction per task
   config.gpm_samples = 300
+  # FedHyper on a base method (--config.algorithm=fedhyper_g --config.fedhyper_base=fot).
+  config.fedhyper_base = "fedavg"
   # Baselines.
   config.prox_mu = 0.01
   config.ewc_lambda = 10.0          # larger values make local SGD unstable (lr * lambda * F > 2)
