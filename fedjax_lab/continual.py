@@ -24,9 +24,8 @@ import json
 import math
 import os
 import time
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +39,7 @@ from fedjax_lab import parallel
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.data.continual import TaskStream
 from fedjax_lab.data.federated import FederatedData, gather_cohort
-from fedjax_lab.models import Model, from_linen
+from fedjax_lab.models import Model
 from fedjax_lab.transforms import Aggregator
 
 MASKED_LOGIT = -1e9
@@ -76,29 +75,7 @@ def continual_metrics(acc) -> dict:
           "max_forgetting": max_forgetting, "average_accuracy": running}
 
 
-# ---------------------------------------------------------------- models and losses
-
-class ContinualMLP(nn.Module):
-  """Flatten, Dense+ReLU hidden layers, Dense output; biases optional.
-
-  Without biases every parameter is a kernel, so gradient projection (GPM/FOT) covers
-  the whole model; a bias is unprojected and can move old tasks' outputs.
-  """
-  hidden: Sequence[int] = (128, 128)
-  num_classes: int = 10
-  use_bias: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape((x.shape[0], -1))
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width, use_bias=self.use_bias)(x))
-    return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
-
-
-def mlp(hidden: Sequence[int] = (128, 128), num_classes: int = 10, use_bias: bool = False) -> Model:
-  return from_linen(ContinualMLP(tuple(hidden), num_classes, use_bias))
-
+# --------------------------------------------------------- losses and evaluation
 
 def mask_logits(logits: jax.Array, class_mask: jax.Array) -> jax.Array:
   """Logits of classes outside ``class_mask`` (``[C]`` or ``[B, C]``) set to -1e9."""

@@ -58,7 +58,8 @@ def build_model(config, stream: streams.TaskStream) -> models_lib.Model:
   if config.model not in MODELS:
     raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(MODELS)}.")
   if config.model == "mlp":
-    return continual.mlp(tuple(config.hidden), stream.num_classes, config.get("use_bias", False))
+    return models_lib.continual_mlp(tuple(config.hidden), stream.num_classes,
+                                    config.get("use_bias", False))
   return models_lib.cnn(num_classes=stream.num_classes)
 
 

@@ -13,7 +13,7 @@ import pytest
 from scipy.linalg import subspace_angles
 
 from algorithms import fedavg, fedewc, fot
-from fedjax_lab import activations, continual
+from fedjax_lab import activations, continual, models
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data import continual as streams
 from reference import linear_example_loss
@@ -129,7 +129,7 @@ def tiny_runs():
   """
   train, test = tiny_arrays(6, 3), tiny_arrays(20, 4)
   stream = streams.permuted(train, test, 3, 2, seed=1)
-  model = continual.mlp((16,), 4, use_bias=False)
+  model = models.continual_mlp((16,), 4, use_bias=False)
   params = model.init(jax.random.PRNGKey(0), train["x"][:1])
   loss = continual.classification_loss(model)
   schedule = LocalSchedule(batch_size=3, epochs=2)
@@ -261,7 +261,7 @@ def test_fedproject_hook_sums_clients_through_the_round_machinery():
   # clients) against numpy on the same inputs; the last-round model is a fixed MLP.
   train, test = tiny_arrays(30, 6), tiny_arrays(10, 7)
   stream = streams.permuted(train, test, 1, 3, partition="iid", seed=2)
-  model = continual.mlp((5,), 4, use_bias=True)
+  model = models.continual_mlp((5,), 4, use_bias=True)
   params = model.init(jax.random.PRNGKey(1), train["x"][:1])
   tx = fot.orthogonal_projection()
   rng = np.random.default_rng(6)
@@ -426,7 +426,7 @@ def test_split_stream_properties_and_task_masks():
 
 
 def test_task_incremental_loss_and_evaluator_mask_to_the_task_classes():
-  model = continual.mlp((), 4, use_bias=True)
+  model = models.continual_mlp((), 4, use_bias=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
   params = model.init(jax.random.PRNGKey(1), x)
   masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], bool)
@@ -476,7 +476,7 @@ def test_ewc_penalty_and_aggregated_fisher_match_numpy():
 
 
 def test_gpm_update_uses_the_exact_energy_criterion():
-  model = continual.mlp((), 3, use_bias=False)
+  model = models.continual_mlp((), 3, use_bias=False)
   rng = np.random.default_rng(12)
   x = (rng.normal(size=(50, 8)) * np.array([5, 3, 2, 1, 0.5, 0.2, 0.1, 0.05])).astype(np.float32)
   data = streams.permuted({"x": x, "y": np.zeros(50, np.int32)},

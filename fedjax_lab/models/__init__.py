@@ -35,6 +35,24 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+class ContinualMLP(nn.Module):
+  """Flatten, Dense+ReLU hidden layers, Dense output; biases optional (continual FL).
+
+  Without biases every parameter is a kernel, so gradient projection (GPM/FOT) covers
+  the whole model; a bias is unprojected and can move old tasks' outputs.
+  """
+  hidden: Sequence[int] = (128, 128)
+  num_classes: int = 10
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width, use_bias=self.use_bias)(x))
+    return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+
+
 class CNN(nn.Module):
   """Conv(3x3)-ReLU-MaxPool blocks, then a dense head (the FedAvg paper's CNN shape)."""
   features: Sequence[int] = (32, 64)
@@ -57,6 +75,12 @@ def mlp(hidden: Sequence[int] = (200,), num_classes: int = 10) -> Model:
 
 def cnn(features: Sequence[int] = (32, 64), dense: int = 128, num_classes: int = 10) -> Model:
   return from_linen(CNN(tuple(features), dense, num_classes))
+
+
+def continual_mlp(hidden: Sequence[int] = (128, 128), num_classes: int = 10,
+                  use_bias: bool = False) -> Model:
+  """``ContinualMLP``, the model of the continual-learning streams (``launch/continual.py``)."""
+  return from_linen(ContinualMLP(tuple(hidden), num_classes, use_bias))
 
 
 MODELS = {"mlp": mlp, "cnn": cnn}
