@@ -24,10 +24,9 @@ import dataclasses
 from typing import Callable, Optional
 
 import jax.numpy as jnp
-import optax
 
 from algorithms.fedavg import fedavg
-from fedjax_lab import attacks, oracles
+from fedjax_lab import attacks, hyperparams, oracles
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 
@@ -55,14 +54,24 @@ def fat(example_loss, attack, client_lr: float, mix_ratio: float = 0.5, server_l
                               example_loss, attack, mix_ratio, "fat")
 
 
-def decaying_steps(initial_steps: int, decay: float, min_steps: int = 1) -> Callable:
-  """``round -> int32 K_t = max(K_min, floor(K_0 * decay^t))`` (optax's exponential decay)."""
+def decaying_steps(initial_steps: int, decay, min_steps: int = 1) -> Callable:
+  """``round -> int32 K_t = max(K_min, floor(K_0 * decay^t))`` (optax's exponential decay).
+
+  ``decay`` is a number or a scalar array (checked only when a number); the step
+  counts are Python ints.
+  """
   if not 1 <= min_steps <= initial_steps:
     raise ValueError(f"FedDynAT needs 1 <= min_steps <= initial_steps, got min_steps={min_steps}, "
                      f"initial_steps={initial_steps}.")
-  if not 0.0 < decay <= 1.0:
-    raise ValueError(f"FedDynAT decay must be in (0, 1], got {decay}.")
-  curve = optax.exponential_decay(float(initial_steps), transition_steps=1, decay_rate=decay)
+  hyperparams.check(decay, lambda d: 0.0 < d <= 1.0,
+                    f"FedDynAT decay must be in (0, 1], got {decay}.")
+  initial = float(initial_steps)
+
+  def curve(t):
+    # optax.exponential_decay(initial, transition_steps=1, decay_rate=decay), whose
+    # factory branches on the value of decay_rate: the same operations, array-safe.
+    return jnp.where(t <= 0, initial, initial * jnp.power(decay, t / 1))
+
   return lambda t: jnp.maximum(jnp.floor(curve(t)).astype(jnp.int32), min_steps)
 
 

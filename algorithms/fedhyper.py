@@ -71,7 +71,7 @@ import optax
 
 from algorithms import fedopt
 from algorithms.fedavg import schedule_from_config
-from fedjax_lab import oracles
+from fedjax_lab import hyperparams, oracles
 from fedjax_lab import server_rules
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.client import LocalSchedule
@@ -108,8 +108,7 @@ find_state = server_rules.find_state
 
 def paper_bounds(gamma: float) -> tuple[float, float]:
   """Accumulator bounds keeping the rate 1 + A in [1/gamma, gamma] (the paper's clip)."""
-  if gamma < 1:
-    raise ValueError(f"gamma must be >= 1, got {gamma}.")
+  hyperparams.check(gamma, lambda g: not g < 1, f"gamma must be >= 1, got {gamma}.")
   return 1.0 / gamma - 1.0, gamma - 1.0
 
 
@@ -151,15 +150,18 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
       the update, so from a small rate (small updates) A barely moves; the cosine
       does not depend on the update's scale. Off in the code.
 
+  The continuous arguments may be scalar arrays (``optax.inject_hyperparams``, sweeps);
+  they are range-checked only when they are numbers.
+
   Returns:
     An optax transform with state ``FedHyperGlobalState``.
   """
-  if not clip_lo < clip_hi:
-    raise ValueError(f"Need clip_lo < clip_hi, got {clip_lo}, {clip_hi}.")
-  if clip_lo <= -1.0:
-    raise ValueError(f"clip_lo must be > -1 so the global rate 1 + A stays positive, got {clip_lo}.")
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+  hyperparams.check_all((clip_lo, clip_hi), lambda lo, hi: lo < hi,
+                        f"Need clip_lo < clip_hi, got {clip_lo}, {clip_hi}.")
+  hyperparams.check(clip_lo, lambda lo: not lo <= -1.0,
+                    f"clip_lo must be > -1 so the global rate 1 + A stays positive, got {clip_lo}.")
+  hyperparams.check(momentum, lambda m: 0.0 <= m < 1.0,
+                    f"momentum must be in [0, 1), got {momentum}.")
   align = _alignment(normalize)
 
   def init_fn(params):
@@ -248,11 +250,14 @@ def fedhyper_server_local(initial_lr: float, min_lr: float = 1e-3, max_lr: float
     clip_lo, clip_hi: optional bounds of A (none in the code).
     normalize: accumulate the cosine of g_{t-1} and g_t (scale-free, see
       ``fedhyper_global``) instead of their inner product.
+
+  The rates, bounds and ``hyper_lr`` may be scalar arrays (checked only when numbers).
   """
-  if not 0 < min_lr <= max_lr:
-    raise ValueError(f"Need 0 < min_lr <= max_lr, got {min_lr}, {max_lr}.")
-  if initial_lr <= 0:
-    raise ValueError(f"initial_lr must be positive, got {initial_lr}.")
+  hyperparams.check(min_lr, lambda lo: 0 < lo, f"Need 0 < min_lr <= max_lr, got {min_lr}, {max_lr}.")
+  hyperparams.check_all((min_lr, max_lr), lambda lo, hi: lo <= hi,
+                        f"Need 0 < min_lr <= max_lr, got {min_lr}, {max_lr}.")
+  hyperparams.check(initial_lr, lambda lr: not lr <= 0,
+                    f"initial_lr must be positive, got {initial_lr}.")
   align = _alignment(normalize)
 
   def init_fn(params):
@@ -352,6 +357,9 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
     hypergradient: ``'step'`` (code), ``'direction'`` (paper) or ``'cosine'``, see above.
     hyper_lr: h, the hypergradient step (1 in the code).
 
+  The continuous arguments may be scalar arrays (checked only when numbers);
+  ``clients_per_round`` is a Python int.
+
   Returns:
     A transform whose ``update(direction, state, params, *, global_update, local_lr=None,
     initial_scale=None)`` returns the local step; state ``FedHyperClientState``.
@@ -361,12 +369,11 @@ def fedhyper_client(learning_rate: float, clients_per_round: Optional[int] = Non
     if not clients_per_round or clients_per_round <= 0:
       raise ValueError("fedhyper_client needs clients_per_round (> 0) or global_weight.")
     global_weight = 0.1 / clients_per_round
-  if not 0 < min_scale <= 1.0 <= max_scale:
-    raise ValueError(f"Need 0 < min_scale <= 1 <= max_scale, got {min_scale}, {max_scale}.")
-  if max_growth < 1.0:
-    raise ValueError(f"max_growth must be >= 1, got {max_growth}.")
-  if hyper_lr < 0:
-    raise ValueError(f"hyper_lr must be >= 0, got {hyper_lr}.")
+  scale_message = f"Need 0 < min_scale <= 1 <= max_scale, got {min_scale}, {max_scale}."
+  hyperparams.check(min_scale, lambda lo: 0 < lo <= 1.0, scale_message)
+  hyperparams.check(max_scale, lambda hi: 1.0 <= hi, scale_message)
+  hyperparams.check(max_growth, lambda g: not g < 1.0, f"max_growth must be >= 1, got {max_growth}.")
+  hyperparams.check(hyper_lr, lambda h: not h < 0, f"hyper_lr must be >= 0, got {hyper_lr}.")
   if hypergradient not in CL_HYPERGRADIENTS:
     raise ValueError(f"Unknown hypergradient {hypergradient!r}; choose one of {CL_HYPERGRADIENTS}.")
 

@@ -17,6 +17,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab import hyperparams
 from fedjax_lab.transforms import Aggregator, SumStream
 
 
@@ -182,11 +183,11 @@ def trimmed_mean(beta: float, weighted: bool = True) -> Aggregator:
   the boundary count in part) and take the weighted mean of what is left.
 
   Args:
-    beta: fraction trimmed from each end, in ``[0, 0.5)``.
+    beta: fraction trimmed from each end, in ``[0, 0.5)``; a number or a scalar array.
     weighted: use the client weights (else every valid client weighs 1).
   """
-  if not 0.0 <= beta < 0.5:
-    raise ValueError(f"trimmed_mean needs 0 <= beta < 0.5, got beta={beta}.")
+  hyperparams.check(beta, lambda b: 0.0 <= b < 0.5,
+                    f"trimmed_mean needs 0 <= beta < 0.5, got beta={beta}.")
 
   def update(messages, weights, state, axis_name=None):
     messages, weights = gather_clients((messages, weights), axis_name)
@@ -241,14 +242,15 @@ def multi_krum(num_selected: Optional[int] = None, num_byzantine: Optional[int] 
   ``f`` is ``num_byzantine`` if given, else ``floor(byzantine_fraction * n)`` for the
   ``n`` valid clients of the round; ``m = num_selected`` or, if None, ``n - f``.
   The selected messages are averaged with the client weights (``weighted``).
-  Ties in score go to the lower cohort position.
+  Ties in score go to the lower cohort position. ``byzantine_fraction`` may be a
+  scalar array; ``num_selected`` and ``num_byzantine`` are Python ints (or None).
   """
   if num_selected is not None and num_selected < 1:
     raise ValueError(f"multi_krum needs num_selected >= 1 (or None for n - f), got {num_selected}.")
   if num_byzantine is not None and num_byzantine < 0:
     raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}.")
-  if not 0.0 <= byzantine_fraction < 1.0:
-    raise ValueError(f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}.")
+  hyperparams.check(byzantine_fraction, lambda f: 0.0 <= f < 1.0,
+                    f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}.")
 
   def update(messages, weights, state, axis_name=None):
     messages, weights = gather_clients((messages, weights), axis_name)
@@ -329,9 +331,10 @@ def norm_bounded_mean(max_norm: float, weighted: bool = True) -> Aggregator:
   Norm bounding (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated
   Learning?", 2019): ``sum_i w_i m_i min(1, M / ||m_i||) / sum_i w_i``. Only sums
   cross devices (``psum``), no all-gather. Streams (clipping is per client).
+  ``max_norm`` is a number or a scalar array.
   """
-  if not max_norm > 0:
-    raise ValueError(f"norm_bounded_mean needs max_norm > 0, got {max_norm}.")
+  hyperparams.check(max_norm, lambda m: m > 0,
+                    f"norm_bounded_mean needs max_norm > 0, got {max_norm}.")
   return from_stream(mean_stream(transform=lambda m: clip_clients(m, max_norm)[0],
                                  reweigh=lambda w: _statistic_weights(w, weighted)))
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab import hyperparams
 from fedjax_lab.types import PRNGKey
 
 InputLossFn = Callable[[jax.Array], jax.Array]   # x [B, ...] -> per-example loss [B]
@@ -125,6 +126,8 @@ class PGD:
   """A configured PGD attack: ``attack(loss_fn, x, rng) -> x_adv``.
 
   Attributes mirror ``pgd_perturb``; ``steps=1, step_size=eps, rand_init=False`` is FGSM.
+  ``eps``, ``step_size``, ``clip_min`` and ``clip_max`` may be JAX arrays (traced
+  hyper-parameters); they are range-checked only when they are numbers.
   """
   eps: float
   step_size: float
@@ -141,11 +144,10 @@ class PGD:
       raise ValueError(f"Attack steps must be an int >= 0, got {self.steps!r}.")
     for name in ("eps", "step_size"):
       value = getattr(self, name)
-      if isinstance(value, numbers.Real) and value < 0:
-        raise ValueError(f"Attack {name} must be >= 0, got {value}.")
-    if (self.clip_min is not None and self.clip_max is not None
-        and self.clip_min > self.clip_max):
-      raise ValueError(f"Attack clip_min={self.clip_min} is above clip_max={self.clip_max}.")
+      hyperparams.check(value, lambda v: not v < 0, f"Attack {name} must be >= 0, got {value}.")
+    hyperparams.check_all(
+        (self.clip_min, self.clip_max), lambda lo, hi: not lo > hi,
+        f"Attack clip_min={self.clip_min} is above clip_max={self.clip_max}.")
 
   def __call__(self, loss_fn: InputLossFn, x: jax.Array, rng: PRNGKey) -> jax.Array:
     return pgd_perturb(loss_fn, x, rng, eps=self.eps, step_size=self.step_size,

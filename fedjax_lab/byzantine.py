@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab import hyperparams
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.transforms import Aggregator, GradientOracle
 
@@ -181,10 +182,14 @@ def attacked_message(kind: str, message, key: jax.Array, scale: Optional[float] 
       ``free_rider_noise``); ``label_flip`` and ``alie`` return ``message``.
     message: the honest message pytree of one client.
     key: PRNG key of this client and round (noise attacks).
-    scale: the attack's strength (see the module table); None: its default.
+    scale: the attack's strength (see the module table); None: its default. A number
+      or a scalar array.
   """
   _check_kind(kind)
-  s = DEFAULT_SCALE.get(kind, 1.0) if scale is None else float(scale)
+  if scale is None:
+    s = DEFAULT_SCALE.get(kind, 1.0)
+  else:
+    s = float(scale) if hyperparams.is_concrete(scale) else scale
   if kind == "sign_flip":
     return _map_float(lambda x: (-s * x).astype(x.dtype), message)
   if kind == "scale":
@@ -281,8 +286,10 @@ def with_attack(method: FederatedAlgorithm, kind: str, fraction: float,
   Args:
     method: any federated algorithm.
     kind: one of ``ATTACKS``.
-    fraction: share of clients that are malicious, in ``[0, 1]``.
-    scale: the attack's strength (module table); None: its default.
+    fraction: share of clients that are malicious, in ``[0, 1]``; a Python number
+      (it fixes the malicious set when the method is built).
+    scale: the attack's strength (module table), a number or a scalar array; None:
+      its default.
     seed: chooses the malicious set (``malicious_clients``).
     num_classes: label count for ``label_flip``.
 

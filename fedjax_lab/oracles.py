@@ -9,6 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab import hyperparams
 from fedjax_lab.attacks import PGD, fgsm, pgd  # noqa: F401  (re-exported: oracles.pgd(...))
 from fedjax_lab.transforms import GradientOracle
 from fedjax_lab.types import Batch, Params, PRNGKey
@@ -59,16 +60,18 @@ def adversarial(example_loss: ExampleLossFn, attack: Callable, mix_ratio: float 
       first-order oracle takes; the attack perturbs ``batch[input_key]``.
     attack: ``(loss_on_inputs, x, rng) -> x_adv``, e.g. ``attacks.pgd(...)``.
     mix_ratio: r in [0, 1]; 0 skips the attack (clean training), 1 skips the clean loss.
+      A JAX array (a traced hyper-parameter) always runs both, with the same numbers.
     input_key: the batch entry the attack perturbs.
 
   Returns:
     A stateless ``GradientOracle`` whose aux holds the trained ``'loss'`` (the mix).
   """
-  if isinstance(mix_ratio, (int, float)) and not 0.0 <= mix_ratio <= 1.0:
-    raise ValueError(f"mix_ratio must be in [0, 1] (0: clean, 1: all adversarial), "
-                     f"got {mix_ratio}.")
+  hyperparams.check(mix_ratio, lambda r: 0.0 <= r <= 1.0,
+                    f"mix_ratio must be in [0, 1] (0: clean, 1: all adversarial), "
+                    f"got {mix_ratio}.")
   loss = batch_loss(example_loss)
-  static_ratio = mix_ratio if isinstance(mix_ratio, (int, float)) else None
+  # A number picks the clean-only or adversarial-only form; an array the mix.
+  static_ratio = hyperparams.static_value(mix_ratio)
 
   def update(params, batch, rng, state):
     if static_ratio == 0.0:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import aggregate as aggregate_lib
+from fedjax_lab import hyperparams
 from fedjax_lab.transforms import Aggregator, SumStream
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -60,8 +61,14 @@ class AdaptiveClip(NamedTuple):
   count_noise: Optional[float] = None
 
 
-def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
-  """``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` (Andrew et al. 2021, Theorem 1)."""
+def update_noise_multiplier(noise_multiplier, count_noise):
+  """``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` (Andrew et al. 2021, Theorem 1).
+
+  A float for numbers (checked: ``2 sigma_b > z``); a float32 array when either is an
+  array (not checked).
+  """
+  if not (hyperparams.is_concrete(noise_multiplier) and hyperparams.is_concrete(count_noise)):
+    return _update_noise_multiplier(noise_multiplier, count_noise)
   if noise_multiplier == 0:
     return 0.0
   if not 2 * count_noise > noise_multiplier:
@@ -96,25 +103,36 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     seed: seed of the noise key kept in the aggregator state.
     adaptive: clip adaptation settings, or None for a fixed clip.
 
+  ``clip``, ``noise_multiplier``, ``expected_clients`` and the fields of ``adaptive``
+  may be scalar arrays (a traced sweep); they are range-checked only when numbers.
+
   Returns:
     An aggregator with state ``DPState``; every client with a positive weight
     counts 1, zero-weight (padding) clients are ignored.
   """
-  if not clip > 0:
-    raise ValueError(f"dp clip must be > 0, got {clip}.")
-  if noise_multiplier < 0:
-    raise ValueError(f"dp noise_multiplier must be >= 0, got {noise_multiplier}.")
-  if not expected_clients > 0:
-    raise ValueError(f"expected_clients must be > 0, got {expected_clients}.")
+  hyperparams.check(clip, lambda c: c > 0, f"dp clip must be > 0, got {clip}.")
+  hyperparams.check(noise_multiplier, lambda z: not z < 0,
+                    f"dp noise_multiplier must be >= 0, got {noise_multiplier}.")
+  hyperparams.check(expected_clients, lambda m: m > 0,
+                    f"expected_clients must be > 0, got {expected_clients}.")
   if adaptive is not None:
-    if not 0.0 <= adaptive.target_quantile <= 1.0:
-      raise ValueError(f"target_quantile must be in [0, 1], got {adaptive.target_quantile}.")
+    hyperparams.check(adaptive.target_quantile, lambda q: 0.0 <= q <= 1.0,
+                      f"target_quantile must be in [0, 1], got {adaptive.target_quantile}.")
     count_noise = (expected_clients / 20 if adaptive.count_noise is None
                    else adaptive.count_noise)
-    if count_noise > 0:
-      update_noise_multiplier(noise_multiplier, count_noise)    # validates
+    if hyperparams.is_concrete(count_noise) and count_noise > 0:
+      update_noise_multiplier(noise_multiplier, count_noise)    # validates numbers
   else:
     count_noise = 0.0
+  # With sigma_b = 0 (or no adaptive clipping) the update's noise multiplier is z.
+  static_count_noise = hyperparams.static_value(count_noise)
+
+  def update_z(z):
+    if static_count_noise is not None:
+      return _update_noise_multiplier(z, count_noise) if static_count_noise > 0 else z
+    positive = count_noise > 0
+    safe = jnp.where(positive, count_noise, 1.0)
+    return jnp.where(positive, _update_noise_multiplier(z, safe), z)
 
   def init():
     return DPState(key=jax.random.PRNGKey(seed), clip=jnp.asarray(clip, jnp.float32),
@@ -138,8 +156,7 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     if axis_name is not None:
       total, unclipped = jax.lax.psum((total, unclipped), axis_name)
     key, noise_key, count_key = jax.random.split(state.key, 3)
-    z_update = (_update_noise_multiplier(state.noise_multiplier, count_noise)
-                if count_noise > 0 else state.noise_multiplier)
+    z_update = update_z(state.noise_multiplier)
     leaves, treedef = jax.tree.flatten(total)
     noisy = [t + (z_update * state.clip) * jax.random.normal(
         jax.random.fold_in(noise_key, i), t.shape, t.dtype) for i, t in enumerate(leaves)]

@@ -78,17 +78,18 @@ class Aggregator(NamedTuple):
 
 
 class ProximalState(NamedTuple):
-  """Empty: the proximal term's strength is a static hyper-parameter."""
+  """Empty: the proximal strength is closed over (a number or an array)."""
 
 
-def proximal(mu: float) -> optax.GradientTransformationExtraArgs:
+def proximal(mu: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
   """FedProx's proximal term as a gradient transform (Li et al. 2020, eq. 2).
 
   The local objective ``F_k(w) + mu/2 ||w - w_t||^2`` has gradient
   ``g + mu (w - w_t)``; chain this before ``optax.sgd``.
 
   Args:
-    mu: proximal strength; 0 gives FedAvg.
+    mu: proximal strength, a number or a scalar array (``optax.inject_hyperparams``,
+      vmapped or differentiated runs); 0 gives FedAvg.
 
   Returns:
     A transform whose ``update(grads, state, params, *, global_params)`` adds
