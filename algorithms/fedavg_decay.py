@@ -9,7 +9,7 @@ import optax
 
 from algorithms.fedavg import schedule_from_config
 from algorithms.fedhyper import scale_by_local_lr
-from fedjax_lab import oracles
+from fedjax_lab import hyperparams, oracles
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 
@@ -19,9 +19,10 @@ def fedavg_decay(example_loss, client_lr: float, server_lr: float = 1.0, rate: f
                  schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
                  ) -> FederatedAlgorithm:
   """FedAvg whose global and/or local rates are multiplied by ``rate ** t`` in round t."""
-  if isinstance(rate, (int, float)) and not 0.0 < rate <= 1.0:
-    raise ValueError(f"decay rate must be in (0, 1], got {rate}.")
-  server_tx = optax.sgd(optax.exponential_decay(server_lr, 1, rate) if decay_global else server_lr)
+  hyperparams.check(rate, lambda v: 0.0 < v <= 1.0, f"decay rate must be in (0, 1], got {rate}.")
+  # server_lr rate^t, written out: optax.exponential_decay branches on a Python rate.
+  server_tx = optax.sgd((lambda count: server_lr * jnp.power(rate, count.astype(jnp.float32)))
+                        if decay_global else server_lr)
 
   def broadcast(state):
     down = {"params": state.params}

@@ -11,7 +11,7 @@ the pseudo-gradient -Delta_t. A baseline of FedHyper's comparisons.
 import optax
 
 from algorithms.fedavg import schedule_from_config
-from fedjax_lab import oracles
+from fedjax_lab import hyperparams, oracles
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 
@@ -20,10 +20,10 @@ def fedavgm(example_loss, client_lr: float, server_lr: float = 1.0, momentum: fl
             schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
             ) -> FederatedAlgorithm:
   """FedAvg with server SGD(``server_lr``, ``momentum``); momentum 0 is FedAvg."""
-  if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
-    raise ValueError(f"server momentum must be in [0, 1), got {momentum}.")
-  # optax.sgd(momentum=0.0) would keep a zero trace; None drops it (a Python 0 only).
-  trace = None if isinstance(momentum, (int, float)) and momentum == 0 else momentum
+  hyperparams.check(momentum, lambda v: 0.0 <= v < 1.0,
+                    f"server momentum must be in [0, 1), got {momentum}.")
+  # A concrete 0 drops optax's trace (FedAvg exactly); an array keeps it.
+  trace = None if hyperparams.static_value(momentum) == 0 else momentum
   return FederatedAlgorithm(
       name="fedavgm", oracle=oracles.first_order(example_loss), client_tx=optax.sgd(client_lr),
       server_tx=optax.sgd(server_lr, momentum=trace), schedule=schedule, weighting=weighting)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from algorithms.fedavg import schedule_from_config
-from fedjax_lab import oracles
+from fedjax_lab import hyperparams, oracles
 from fedjax_lab import server_rules
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.client import LocalSchedule
@@ -48,8 +48,7 @@ def scale_by_fedexp(eps=1e-3) -> optax.GradientTransformationExtraArgs:
   Args:
     eps: the denominator's offset (1e-3 in the paper); a JAX array is accepted.
   """
-  if isinstance(eps, (int, float)) and eps < 0:
-    raise ValueError(f"eps must be >= 0, got {eps}.")
+  hyperparams.check(eps, lambda v: v >= 0, f"eps must be >= 0, got {eps}.")
 
   def init_fn(params):
     del params

@@ -90,7 +90,8 @@ def full_state(state: ServerState, table) -> ServerState:
 
 def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
           evaluate: Optional[Callable] = None, test_arrays=None,
-          opts: TrainOptions = None) -> tuple[ServerState, list[dict]]:
+          opts: TrainOptions = None, round_wrapper: Optional[Callable] = None
+          ) -> tuple[ServerState, list[dict]]:
   """Runs ``opts.rounds`` rounds (resuming from ``opts.workdir`` if it has a checkpoint).
 
   Args:
@@ -101,6 +102,10 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       ``eval_every`` rounds and at the end.
     test_arrays: evaluation data for ``evaluate``.
     opts: run options.
+    round_wrapper: ``round_fn -> round_fn``, applied to the round before the rounds
+      are scanned (e.g. ``launch.zeroth_order`` adds the objective to the metrics and
+      FZooS's safeguard); the wrapped round keeps ``round_fn``'s signature
+      ``(state, arrays, offsets) -> (state, metrics)``. Device client states only.
 
   Returns:
     (final state, list of per-round metric records). With ``client_states='host'``
@@ -118,6 +123,9 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
                      "use client_states='device'.")
   arrays, offsets = data.device_arrays()
   rng = jax.random.PRNGKey(opts.seed)
+  if host and round_wrapper is not None:
+    raise ValueError("round_wrapper needs client_states='device' (a host table's rounds "
+                     "move rows in and out of the round).")
   if host:
     # run_rounds(state, table, ...) -> (state, metrics, rows): the table is untouched
     # until the rows are written, after the finite check.
@@ -129,6 +137,8 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   else:
     round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
                                         chunk_size=opts.chunk_size)
+    if round_wrapper is not None:
+      round_fn = round_wrapper(round_fn)
     run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend, opts.donate_state)
     state, table = algorithm.init(init_params, rng, data.num_clients), None
 

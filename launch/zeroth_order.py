@@ -21,7 +21,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 # Methods that only query function values (the registry also holds first-order ones).
 ALGORITHMS = ("fzoos", "fedzo", "fedzo_prox", "fedzo_scaf", "fedzo_diff")
@@ -45,43 +44,43 @@ def make_problem(config):
   return objectives.make(config.problem, seed=config.get("problem_seed", 0), **kwargs)
 
 
-def make_runner(algorithm, problem, clients_per_round: int, backend: str = "vmap",
-                safeguard: bool = False):
-  """``run(state, arrays, offsets, num_rounds) -> (state, metrics [num_rounds])``.
+def round_with_objective(problem, safeguard: bool = False):
+  """Wraps a round (``training.train``'s ``round_wrapper``) to log the objective.
 
   Every round's metrics hold the round engine's plus ``objective`` (F at the new
   global point), the problem's extra metrics and ``queries`` (the total over all
   clients so far, from their ``'queries'`` counters). ``safeguard`` keeps x_r when F
   does not decrease (FZooS's code; it evaluates the global objective).
   """
-  from fedjax_lab.algorithm import make_multi_round, make_round
-  round_fn = make_round(algorithm, problem.data, clients_per_round, backend)
-
-  def round_and_evaluate(state, arrays, offsets):
-    new_state, metrics = round_fn(state, arrays, offsets)
-    # One row per client: the packed arrays are every client's objective.
-    result = problem.evaluate(new_state.params, arrays)
-    if safeguard:
-      before = problem.global_value(state.params, arrays)
-      keep = result["objective"] > before
-      new_state = new_state._replace(params=jnp.where(keep, state.params, new_state.params))
-      result = jax.tree.map(lambda old, new: jnp.where(keep, old, new),
-                            problem.evaluate(state.params, arrays), result)
-    metrics = dict(metrics, **result)
-    metrics["queries"] = jnp.sum(new_state.client_states["queries"])
-    return new_state, metrics
-
-  return make_multi_round(round_and_evaluate, backend)
+  def wrap(round_fn):
+    def round_and_evaluate(state, arrays, offsets):
+      new_state, metrics = round_fn(state, arrays, offsets)
+      # One row per client: the packed arrays are every client's objective.
+      result = problem.evaluate(new_state.params, arrays)
+      if safeguard:
+        before = problem.global_value(state.params, arrays)
+        keep = result["objective"] > before
+        new_state = new_state._replace(params=jnp.where(keep, state.params, new_state.params))
+        result = jax.tree.map(lambda old, new: jnp.where(keep, old, new),
+                              problem.evaluate(state.params, arrays), result)
+      metrics = dict(metrics, **result)
+      metrics["queries"] = jnp.sum(new_state.client_states["queries"])
+      return new_state, metrics
+    return round_and_evaluate
+  return wrap
 
 
 def run(config, workdir: Optional[str] = None, progress: bool = True):
   """Runs ``config.rounds`` rounds; returns ``(state, history, summary)``.
 
-  ``history`` is one dict per round (``round``, ``objective``, ``queries``, ...).
+  ``history`` is one dict per round (``round``, ``objective``, ``queries``, ...). The
+  rounds loop is ``training.train``'s: checkpoints at every multiple of
+  ``checkpoint_every``, resume from ``workdir``, and a stop naming the round where the
+  loss became non-finite.
   """
   import algorithms
-  from fedjax_lab import checkpoint as checkpoint_lib
   from fedjax_lab import metrics as metrics_lib
+  from fedjax_lab import training
   start = time.perf_counter()
   if config.rounds < 0:
     raise ValueError(f"rounds must be >= 0, got {config.rounds}.")
@@ -93,47 +92,17 @@ def run(config, workdir: Optional[str] = None, progress: bool = True):
     raise ValueError(f"clients_per_round={config.clients_per_round} must be in [1, "
                      f"{problem.num_clients}] (the problem has {problem.num_clients} clients).")
   algorithm = algorithms.build(config.algorithm, config, problem)
-  runner = make_runner(algorithm, problem, config.clients_per_round, config.backend,
-                       config.get("safeguard", False))
-  arrays, offsets = problem.data.device_arrays()
-  state = algorithm.init(jnp.asarray(problem.x0), jax.random.PRNGKey(config.seed),
-                         problem.num_clients)
-  initial = metrics_lib.to_python(jax.jit(problem.evaluate)(state.params, arrays))
-
-  checkpointer, writer = None, None
-  if workdir:
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    resumed = checkpointer.latest_round()
-    if resumed is not None:
-      state = checkpointer.restore(state)
-    writer = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resumed)
-  history = []
-  current = int(state.round)
-  per_call = max(int(config.get("rounds_per_call", 1)), 1)
-  bar = tqdm.tqdm(total=config.rounds, initial=min(current, config.rounds),
-                  disable=not progress, desc=config.algorithm, unit="round",
-                  dynamic_ncols=True)
-  try:
-    while current < config.rounds:
-      count = min(per_call, config.rounds - current)
-      state, chunk = runner(state, arrays, offsets, count)
-      chunk = {k: np.asarray(v) for k, v in chunk.items()}
-      records = [{"round": current + i + 1, **{k: v[i].item() for k, v in chunk.items()}}
-                 for i in range(count)]
-      current += count
-      history.extend(records)
-      if writer:
-        for record in records:
-          writer.write(record)
-      bar.set_postfix(F=f"{records[-1]['objective']:.4g}", queries=records[-1]["queries"])
-      bar.update(count)
-      if checkpointer and (current == config.rounds or (
-          config.get("checkpoint_every", 0) and current % config.checkpoint_every == 0)):
-        checkpointer.save(current, state)
-  finally:
-    bar.close()
-    if checkpointer:
-      checkpointer.close()
+  arrays, _ = problem.data.device_arrays()
+  x0 = jnp.asarray(problem.x0)
+  initial = metrics_lib.to_python(jax.jit(problem.evaluate)(x0, arrays))
+  opts = training.TrainOptions(
+      rounds=config.rounds, clients_per_round=config.clients_per_round, backend=config.backend,
+      seed=config.seed, eval_every=0, checkpoint_every=config.get("checkpoint_every", 0),
+      rounds_per_call=max(int(config.get("rounds_per_call", 1)), 1), workdir=workdir,
+      progress=progress)
+  state, history = training.train(
+      algorithm, x0, problem.data, opts=opts,
+      round_wrapper=round_with_objective(problem, config.get("safeguard", False)))
 
   final = metrics_lib.to_python(jax.jit(problem.evaluate)(state.params, arrays))
   queries = int(np.sum(np.asarray(state.client_states["queries"])))
@@ -161,7 +130,7 @@ def main(argv, config_flag, workdir_flag, progress_flag):
       f.write(config.to_json_best_effort(indent=2))
   try:
     _, _, summary = run(config, workdir_flag.value, progress_flag.value)
-  except (ValueError, checkpoint.CheckpointError) as e:
+  except (ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(summary))

@@ -12,8 +12,10 @@ import optax
 import pytest
 
 from algorithms import fal as fal_lib
-from algorithms import fedhyper
+from algorithms import fedexp, fedhyper
 from algorithms.fedavg import fedavg
+from algorithms.fedavg_decay import fedavg_decay
+from algorithms.fedavgm import fedavgm
 from algorithms.fedopt import server_optimizer
 from algorithms.scaffold import scaffold
 from fedjax_lab import aggregate, attacks, byzantine, hyperparams, oracles, privacy
@@ -141,6 +143,17 @@ def injected_vs_plain(factory, hps, static=None, extras=None, steps=4, static_ar
   hp_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hps.items()}
   inj_outs, inj_state = go(hp_arrays, grads, extras)
   return plain_outs, inj_outs, plain_state, inj_state.inner_state
+
+
+def test_fedexp_rule_injected_eps():
+  extras = [{"aggregate": {"sq_norm": jnp.asarray(v, jnp.float32)}} for v in (9.0, 0.1, 30.0)]
+  plain, injected, _, _ = injected_vs_plain(fedexp.scale_by_fedexp, {"eps": 0.5}, extras=extras,
+                                            steps=3)
+  close(injected, plain)
+  # The number: g max(1, mean_sq_norm / (2 (||g||^2 + eps))).
+  g = grads_seq(1)[0]
+  sq = sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(g))
+  close(plain[0], jax.tree.map(lambda x: max(1.0, 9.0 / (2 * (sq + 0.5))) * x, g))
 
 
 def test_proximal_injected_mu():
@@ -398,6 +411,10 @@ METHODS = {
                                            schedule=SCHEDULE), 4),
     "scaffold_client_lr": (lambda lr: scaffold(linear_example_loss, client_lr=lr,
                                                server_lr=0.9, schedule=SCHEDULE), 2),
+    "fedavgm_momentum": (lambda m: fedavgm(linear_example_loss, 0.1, 0.5, momentum=m,
+                                           schedule=SCHEDULE), 4),
+    "fedavg_decay_rate": (lambda r: fedavg_decay(linear_example_loss, 0.1, 0.9, rate=1.0 - r,
+                                                 schedule=SCHEDULE), 4),
 }
 
 
