@@ -1,6 +1,12 @@
-"""Cohort sampling, on device and keyed by the round's RNG."""
+"""Cohort sampling, on device and keyed by the round's RNG.
+
+``uniform`` (C distinct clients, each cohort equally likely), ``weighted`` (C distinct
+clients drawn in turn with probability proportional to a weight, e.g. example counts)
+and ``fixed_schedule`` (the cohorts given ahead, one row per round).
+"""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def validate_cohort(num_clients: int, clients_per_round: int) -> None:
@@ -17,3 +23,42 @@ def validate_cohort(num_clients: int, clients_per_round: int) -> None:
 def uniform(rng: jax.Array, num_clients: int, clients_per_round: int) -> jax.Array:
   """``clients_per_round`` distinct client ids drawn uniformly, int32 ``[C]``."""
   return jax.random.choice(rng, num_clients, (clients_per_round,), replace=False).astype(jnp.int32)
+
+
+def weighted(rng: jax.Array, weights: jax.Array, clients_per_round: int) -> jax.Array:
+  """``clients_per_round`` distinct ids, drawn one after another with probability
+  proportional to ``weights`` among those not drawn yet (e.g. weights = example
+  counts); int32 ``[C]``. With ``C = 1`` client i is drawn with probability
+  ``w_i / sum(w)``. Clients of weight 0 are drawn only once all others are.
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+  probs = weights / jnp.sum(weights)
+  return jax.random.choice(rng, weights.shape[0], (clients_per_round,), replace=False,
+                           p=probs).astype(jnp.int32)
+
+
+def fixed_schedule(schedule, round_index: jax.Array) -> jax.Array:
+  """The cohort of round ``round_index`` from ``schedule [R, C]`` (row ``round % R``).
+
+  A schedule fixed ahead (from a file, a trace of which clients were online, or the
+  cohorts of another run) replaces the random draw; ids must be distinct per row.
+  """
+  schedule = jnp.asarray(schedule, jnp.int32)
+  if schedule.ndim != 2:
+    raise ValueError(f"A cohort schedule is [rounds, clients_per_round], got shape "
+                     f"{schedule.shape}.")
+  return schedule[jnp.asarray(round_index) % schedule.shape[0]]
+
+
+def validate_schedule(schedule, num_clients: int) -> None:
+  """Raises a ValueError naming a bad row of a cohort schedule (ids out of range, repeats)."""
+  schedule = np.asarray(schedule)
+  if schedule.ndim != 2:
+    raise ValueError(f"A cohort schedule is [rounds, clients_per_round], got shape "
+                     f"{schedule.shape}.")
+  validate_cohort(num_clients, schedule.shape[1])
+  for r, row in enumerate(schedule):
+    if row.min() < 0 or row.max() >= num_clients:
+      raise ValueError(f"Cohort schedule row {r} has ids outside [0, {num_clients}): {row}.")
+    if len(set(row.tolist())) != len(row):
+      raise ValueError(f"Cohort schedule row {r} repeats a client: {row}.")
