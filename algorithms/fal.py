@@ -105,7 +105,7 @@ def attack_from_config(config) -> attacks.PGD:
   """The training attack from ``config.adversarial_training``.
 
   Its keys: norm, eps, step_size, steps, rand_init, clip_min, clip_max. (``config.attack``
-  names byzantine clients, see fedjax_lab.robust.)
+  names byzantine clients, see launch/robust.py.)
   """
   cfg = config.get("adversarial_training")
   if cfg is None:

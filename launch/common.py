@@ -9,9 +9,9 @@ import algorithms
 from fedjax_lab import data as data_lib
 from fedjax_lab import metrics as metrics_lib
 from fedjax_lab import models as models_lib
-from fedjax_lab import robust
 from fedjax_lab import training
 from fedjax_lab.models import text as text_models
+from launch import robust
 
 
 @dataclasses.dataclass

@@ -9,10 +9,11 @@ import pytest
 
 from algorithms import rffl as rffl_lib
 from algorithms.fedavg import fedavg
-from fedjax_lab import aggregate, byzantine, parallel, privacy, robust
+from fedjax_lab import aggregate, byzantine, parallel, privacy
 from fedjax_lab.algorithm import make_round, sample_cohort
-from fedjax_lab.server_rules import find_state
 from fedjax_lab.client import LocalSchedule
+from fedjax_lab.server_rules import find_state
+from launch import robust
 from reference import linear_example_loss, linear_problem, local_sgd, to_numpy, tree_close
 
 RNG = np.random.default_rng(0)
