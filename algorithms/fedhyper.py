@@ -412,14 +412,7 @@ class PreviousUpdateState(NamedTuple):
 
 def previous_update() -> server_rules.ServerRule:
   """Keeps ``aggregate['delta']`` for the next round's broadcast; ``g`` passes unchanged."""
-  def init_fn(params):
-    return PreviousUpdateState(jax.tree.map(jnp.zeros_like, params))
-
-  def update_fn(updates, state, params=None, *, aggregate=None, **extra):
-    del state, params, extra
-    return updates, PreviousUpdateState(aggregate["delta"])
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return server_rules.keep_aggregate("delta", PreviousUpdateState)
 
 
 def with_rate_metrics(round_metrics):

@@ -30,7 +30,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from algorithms.fedavg import fedavg, schedule_from_config
 from fedjax_lab import aggregate as aggregate_lib
@@ -193,14 +192,7 @@ class RewardState(NamedTuple):
 
 def keep_reward() -> server_rules.ServerRule:
   """Keeps ``aggregate['delta']`` as the next round's reward; ``g`` passes unchanged."""
-  def init_fn(params):
-    return RewardState(jax.tree.map(jnp.zeros_like, params))
-
-  def update_fn(updates, state, params=None, *, aggregate=None, **extra):
-    del state, params, extra
-    return updates, RewardState(aggregate["delta"])
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return server_rules.keep_aggregate("delta", RewardState)
 
 
 def rffl(method: FederatedAlgorithm, alpha: float = 0.95, beta: float = 1.0 / 3.0,

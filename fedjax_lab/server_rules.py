@@ -62,3 +62,21 @@ def replace_state(tree: Any, new: Any) -> Any:
   require_state(tree, cls, cls.__name__)
   return jax.tree.map(lambda x: new if isinstance(x, cls) else x, tree,
                       is_leaf=lambda x: isinstance(x, cls))
+
+
+def keep_aggregate(key: str, state_cls: type) -> ServerRule:
+  """A rule that keeps ``aggregate[key]`` as ``state_cls(value)``; ``g`` passes unchanged.
+
+  ``state_cls`` is a one-field NamedTuple naming what is kept (FedHyper-CL's previous
+  update, RFFL's reward), so hooks find it by type; it starts as zeros like params.
+  """
+  def init_fn(params):
+    return state_cls(jax.tree.map(jax.numpy.zeros_like, params))
+
+  def update_fn(updates, state, params=None, *, aggregate=None, **extra):
+    del state, params, extra
+    if aggregate is None:
+      raise ValueError(f"keep_aggregate({key!r}) needs the `aggregate` extra argument.")
+    return updates, state_cls(aggregate[key])
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
