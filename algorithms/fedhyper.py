@@ -63,7 +63,7 @@ The paper's baselines are their own modules: ``algorithms.fedavgm`` (server mome
 (FedAdam, FedAdagrad) and ``algorithms.fedexp``.
 """
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,6 @@ Corrections of the same estimator (FZooS's ``--correction``):
 
 Every client state counts its queries (q + 1 per local step) in ``'queries'``.
 """
-import jax
 import jax.numpy as jnp
 import optax
 

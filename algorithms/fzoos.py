@@ -36,11 +36,10 @@ its objectives are flat outside [0, 1]^d, where a coordinate that has left the b
 be pushed further out by a surrogate fitted to its own trajectory (the launch configs
 project, for every method alike).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from algorithms.fedzo import _value_fn, client_optimizer, local_schedule, problem_bounds

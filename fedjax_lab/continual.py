@@ -1,7 +1,7 @@
-"""Continual federated learning: a task loop over a ``TaskStream`` and its metrics.
+"""Continual federated learning: task streams on the rounds loop, and their metrics.
 
 Tasks arrive one after another; each is trained for ``rounds_per_task`` federated
-rounds with the ordinary round engine (``make_round`` / ``make_multi_round``), then an
+rounds by ``training.train``'s loop (the stream is one of its periodic actions), then an
 optional task-end hook updates the server state (FOT's FedProject, EWC's Fisher, GPM's
 basis). After task i the global model is evaluated on every task j, which fills the
 accuracy matrix ``acc[i, j]``. From it (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018):
@@ -23,19 +23,16 @@ import dataclasses
 import json
 import math
 import os
-import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
-from fedjax_lab import algorithm as algorithm_lib
 from fedjax_lab import checkpoint as checkpoint_lib
-from fedjax_lab import metrics as metrics_lib
 from fedjax_lab import parallel
+from fedjax_lab import training
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.data.continual import TaskStream
 from fedjax_lab.data.federated import FederatedData, gather_cohort
@@ -259,54 +256,73 @@ def _check_stream(stream: TaskStream, opts: StreamOptions) -> None:
     raise ValueError(f"rounds_per_task must be >= 1, got {opts.rounds_per_task}.")
 
 
-def _chunks(rounds: int, opts: StreamOptions) -> list[int]:
-  """Chunk lengths inside one task: stops at every evaluation and every rounds_per_call."""
-  stops = {rounds}
-  step = max(opts.rounds_per_call, 1)
-  stops.update(range(step, rounds, step))
-  if opts.eval_every:
-    stops.update(range(opts.eval_every, rounds, opts.eval_every))
-  bounds = [0] + sorted(stops)
-  return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+class _TaskStream(training.Action):
+  """The stream as an action of the rounds loop: task data, evaluations, task ends."""
 
+  def __init__(self, stream: TaskStream, opts: StreamOptions, evaluate, on_task_end,
+               side_path: Optional[str], name: str):
+    self.stream, self.opts, self.evaluate = stream, opts, evaluate
+    self.on_task_end, self.side_path, self.name = on_task_end, side_path, name
+    self.length = max(t.train.num_examples for t in stream)
+    self.offsets = [jnp.asarray(t.train.client_offsets, jnp.int32) for t in stream]
+    self.hook_key = jax.random.fold_in(jax.random.PRNGKey(opts.seed), 0x5EED)
+    self.acc_rows, self.task_info = [], []
 
-_ROUNDS_CACHE: dict = {}
-_ROUNDS_CACHE_SIZE = 8
+  def next_stop(self, current):
+    # Chunks restart at every task: stops at the task's multiples of rounds_per_call
+    # and eval_every, and at its end.
+    rounds = self.opts.rounds_per_task
+    task_start = current // rounds * rounds
+    stops = [task_start + rounds]
+    for every in (max(self.opts.rounds_per_call, 1), self.opts.eval_every):
+      if every:
+        stops.append(task_start + ((current - task_start) // every + 1) * every)
+    return min(stops)
 
+  def _use_task(self, loop, t):
+    loop.arrays = _pad_rows(self.stream[t].train.arrays, self.length)
+    loop.offsets = self.offsets[t]
+    loop.bar.set_description(f"{self.name} task {t + 1}/{len(self.stream)}")
 
-def _compiled_rounds(algorithm: FederatedAlgorithm, template: FederatedData,
-                     clients_per_round: int, backend: str):
-  """``(run_rounds, trace_counter)`` for a method and population shape.
+  def start(self, loop):
+    if loop.resumed_from is not None:
+      done = _resume_rows(self.side_path, loop.resumed_from, self.opts.rounds_per_task)
+      self.acc_rows, self.task_info = done["acc_rows"], done["task_info"]
+    self._use_task(loop, min(loop.round // self.opts.rounds_per_task, len(self.stream) - 1))
 
-  The jitted rounds are kept (a few entries), so running the same method again, e.g.
-  a baseline next to FOT in a notebook or a resumed stream, does not recompile. The
-  counter counts how often the round is traced, i.e. compiled.
-  """
-  try:
-    key = (algorithm, template.num_clients, template.max_client_size, clients_per_round, backend)
-    hash(key)
-  except TypeError:          # a method holding an unhashable field: no caching
-    key = None
-  if key is not None and key in _ROUNDS_CACHE:
-    return _ROUNDS_CACHE[key]
-  round_fn = algorithm_lib.make_round(algorithm, template, clients_per_round, backend)
-  traces = [0]
-
-  def counted_round(state, arrays, offsets):
-    traces[0] += 1          # runs only while tracing under jit
-    return round_fn(state, arrays, offsets)
-
-  entry = (algorithm_lib.make_multi_round(counted_round, backend), traces)
-  if key is not None:
-    if len(_ROUNDS_CACHE) >= _ROUNDS_CACHE_SIZE:
-      _ROUNDS_CACHE.pop(next(iter(_ROUNDS_CACHE)))
-    _ROUNDS_CACHE[key] = entry
-  return entry
+  def __call__(self, loop):
+    rounds = self.opts.rounds_per_task
+    t = (loop.round - 1) // rounds
+    for record in loop.records:
+      record["task"] = t
+    done_rounds = loop.round - t * rounds
+    if done_rounds < rounds:
+      if self.opts.eval_every and done_rounds % self.opts.eval_every == 0:
+        loop.records[-1]["test_accuracy"] = evaluate_all(self.evaluate, loop.state.params,
+                                                         self.stream).tolist()
+      loop.bar.set_postfix(loss=f"{loop.records[-1]['train_loss']:.4f}")
+      return
+    row = evaluate_all(self.evaluate, loop.state.params, self.stream)
+    self.acc_rows.append(row.tolist())
+    loop.records[-1]["test_accuracy"] = row.tolist()
+    info = {}
+    if self.on_task_end is not None:
+      loop.state, info = self.on_task_end(loop.state, self.stream[t], t,
+                                          jax.random.fold_in(self.hook_key, t))
+    self.task_info.append(info)
+    loop.write({"round": loop.round, "task_end": t, "acc_row": row.tolist(), **info})
+    loop.bar.set_postfix(acc=f"{row[:t + 1].mean():.3f}")
+    if self.side_path:
+      # Rows before the checkpoint: a resume truncates them to the checkpoint's tasks.
+      with open(self.side_path, "w") as f:
+        json.dump({"acc_rows": self.acc_rows, "task_info": self.task_info}, f)
+    if t + 1 < len(self.stream):
+      self._use_task(loop, t + 1)
 
 
 def run_stream(algorithm: FederatedAlgorithm, stream: TaskStream, init_params, evaluate,
                opts: StreamOptions, on_task_end: Optional[TaskEndHook] = None) -> StreamResult:
-  """Trains ``algorithm`` on the tasks of ``stream`` in order.
+  """Trains ``algorithm`` on the tasks of ``stream`` in order, on ``training.train``'s loop.
 
   Args:
     algorithm: any federated method (FedAvg fine-tuning, FedProx, FOT, ...).
@@ -320,93 +336,34 @@ def run_stream(algorithm: FederatedAlgorithm, stream: TaskStream, init_params, e
       the method's own ``algorithm.task_boundary`` (which may be None too).
 
   Returns:
-    A ``StreamResult``.
+    A ``StreamResult``. With ``opts.workdir``: metrics.jsonl (per round, plus one
+    ``task_end`` line per task), a checkpoint after every task (and of the last good
+    round when the loss becomes non-finite), ``continual.json`` with the accuracy rows;
+    a rerun resumes.
   """
   _check_stream(stream, opts)
   if on_task_end is None:
     on_task_end = algorithm.task_boundary
-  num_tasks, rounds = len(stream), opts.rounds_per_task
+  rounds = opts.rounds_per_task
   template = max(stream, key=lambda t: t.train.max_client_size).train
-  run_rounds, traces = _compiled_rounds(algorithm, template, opts.clients_per_round, opts.backend)
-  traces_before = traces[0]
-  length = max(t.train.num_examples for t in stream)
-  offsets = [jnp.asarray(t.train.client_offsets, jnp.int32) for t in stream]
-  state = algorithm.init(init_params, jax.random.PRNGKey(opts.seed), stream.num_clients)
-  hook_key = jax.random.fold_in(jax.random.PRNGKey(opts.seed), 0x5EED)
-
-  acc_rows, task_info, history = [], [], []
-  checkpointer, writer, side_path = None, None, None
+  side_path = None
   if opts.workdir:
     os.makedirs(opts.workdir, exist_ok=True)
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(opts.workdir, "checkpoints"))
     side_path = os.path.join(opts.workdir, "continual.json")
-    resumed = checkpointer.latest_round()
-    if resumed is not None:
-      done = _resume_rows(side_path, resumed, rounds)
-      state = checkpointer.restore(state)
-      acc_rows, task_info = done["acc_rows"], done["task_info"]
-    writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed)
-
-  first_task = len(acc_rows)
-  bar = tqdm.tqdm(total=num_tasks * rounds, initial=first_task * rounds, disable=not opts.progress,
-                  desc=algorithm.name, unit="round", dynamic_ncols=True)
-  try:
-    for t in range(first_task, num_tasks):
-      task = stream[t]
-      arrays = _pad_rows(task.train.arrays, length)
-      bar.set_description(f"{algorithm.name} task {t + 1}/{num_tasks}")
-      done_rounds = 0
-      for chunk_len in _chunks(rounds, opts):
-        new_state, chunk = run_rounds(state, arrays, offsets[t], chunk_len)
-        chunk = {k: np.asarray(v) for k, v in chunk.items()}
-        bad = np.flatnonzero(~np.isfinite(chunk["train_loss"]))
-        if bad.size:
-          raise FloatingPointError(
-              f"Training loss became non-finite in task {t} at round "
-              f"{int(state.round) + int(bad[0]) + 1}; lower the learning rates.")
-        state = new_state
-        done_rounds += chunk_len
-        start = int(state.round) - chunk_len
-        records = [{"round": start + i + 1, "task": t,
-                    **{k: v[i].item() for k, v in chunk.items()}} for i in range(chunk_len)]
-        if opts.eval_every and done_rounds % opts.eval_every == 0 and done_rounds < rounds:
-          records[-1]["test_accuracy"] = evaluate_all(evaluate, state.params, stream).tolist()
-        history.extend(records)
-        if writer:
-          for record in records:
-            writer.write(record)
-        bar.update(chunk_len)
-        bar.set_postfix(loss=f"{records[-1]['train_loss']:.4f}")
-      row = evaluate_all(evaluate, state.params, stream)
-      acc_rows.append(row.tolist())
-      history[-1]["test_accuracy"] = row.tolist()
-      info = {}
-      if on_task_end is not None:
-        state, info = on_task_end(state, task, t, jax.random.fold_in(hook_key, t))
-      task_info.append(info)
-      record = {"round": int(state.round), "task_end": t, "acc_row": row.tolist(), **info}
-      if writer:
-        writer.write(record)
-      bar.set_postfix(acc=f"{row[:t + 1].mean():.3f}")
-      if checkpointer:
-        # Rows first: a resume truncates them to the checkpoint's task count.
-        with open(side_path, "w") as f:
-          json.dump({"acc_rows": acc_rows, "task_info": task_info}, f)
-        checkpointer.save(int(state.round), state)
-  finally:
-    bar.close()
-    if checkpointer:
-      checkpointer.close()
-  acc = np.asarray(acc_rows, np.float64)
-  return StreamResult(state, acc, continual_metrics(acc), history, task_info,
-                      None if opts.backend == "loop" else traces[0] - traces_before)
+  action = _TaskStream(stream, opts, evaluate, on_task_end, side_path, algorithm.name)
+  train_opts = training.TrainOptions(
+      rounds=len(stream) * rounds, clients_per_round=opts.clients_per_round,
+      backend=opts.backend, seed=opts.seed, eval_every=0, checkpoint_every=rounds,
+      rounds_per_call=max(opts.rounds_per_call, 1), workdir=opts.workdir,
+      progress=opts.progress)
+  loop = training.run_loop(algorithm, init_params, template, opts=train_opts, actions=(action,))
+  acc = np.asarray(action.acc_rows, np.float64)
+  return StreamResult(loop.state, acc, continual_metrics(acc), loop.history, action.task_info,
+                      None if opts.backend == "loop" else loop.traces)
 
 
 def _resume_rows(side_path: str, resumed_round: int, rounds_per_task: int) -> dict:
-  if resumed_round % rounds_per_task:
-    raise checkpoint_lib.CheckpointError(
-        f"The checkpoint at round {resumed_round} is not at a task end (rounds_per_task="
-        f"{rounds_per_task}); use a new --workdir.")
+  """The accuracy rows and task infos of the tasks finished by ``resumed_round``."""
   try:
     with open(side_path) as f:
       done = json.load(f)

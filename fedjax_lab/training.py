@@ -2,7 +2,9 @@
 
 Rounds run in jitted chunks of up to ``rounds_per_call`` (a ``lax.scan``); the host
 only looks at the state between chunks, to log, evaluate, checkpoint and stop on a
-non-finite loss.
+non-finite loss. This is the one rounds loop: launch scripts, continual task streams
+(``continual.run_stream``) and zeroth-order runs are built on it, the rest through
+periodic ``Action``s (task boundaries, evaluations of their own, data switches).
 
 With ``TrainOptions.client_states='host'`` the per-client table stays in host memory
 (or memmap files) and each chunk moves only its cohorts' rows (``host_states``); the
@@ -12,7 +14,7 @@ the table too (``checkpoint.py``).
 """
 import dataclasses
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +77,83 @@ class TrainOptions:
                        f"client_states='host' (got {self.client_states!r}).")
 
 
-def _next_stop(current: int, opts: TrainOptions) -> int:
+class Action:
+  """A periodic action of the rounds loop (subclass and override what you need).
+
+  The loop runs the rounds in jitted chunks and stops between them at every multiple
+  of ``eval_every`` and ``checkpoint_every``, every ``rounds_per_call`` rounds and at
+  every round an action asks for with ``next_stop``. At each stop, after the
+  non-finite check and the built-in evaluation, it calls every action in order, then
+  writes the chunk's records and checkpoints. Actions may change ``loop.state`` and
+  the data the next chunk trains on (``loop.arrays``, ``loop.offsets``), add keys to
+  the chunk's last record (``loop.records[-1]``) and write records of their own
+  (``loop.write``). Continual task streams are an action (``continual.run_stream``).
+  """
+
+  def next_stop(self, current: int) -> Optional[int]:
+    """The first round after ``current`` at which the loop must stop (None: none)."""
+    del current
+    return None
+
+  def start(self, loop: "Loop") -> None:
+    """Called once, after the state is initialised or restored from a checkpoint."""
+
+  def __call__(self, loop: "Loop") -> None:
+    """Called at every stop; ``loop.round`` is the number of rounds done."""
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the rounds loop holds between chunks; actions read and change it.
+
+  Attributes:
+    state: the server state (its ``client_states`` is ``()`` with a host table).
+    arrays, offsets: the data the next chunk trains on.
+    round: rounds done.
+    resumed_from: the checkpoint round the run resumed from (None: a fresh start).
+    records: the last chunk's per-round records (written after the actions ran).
+    history: all records so far (of this call).
+    traces: how often the rounds were compiled during this call.
+    bar: the tqdm progress bar.
+    table: the host client-state table, or None.
+  """
+  state: ServerState
+  arrays: dict
+  offsets: jax.Array
+  round: int
+  resumed_from: Optional[int]
+  records: list
+  history: list
+  traces: int
+  bar: Any
+  table: Any
+  writers: list
+  pending: list = dataclasses.field(default_factory=list)
+
+  def write(self, record: dict) -> None:
+    """Writes ``record`` to ``metrics.jsonl`` and the writers after the chunk's records
+    (not to ``history``)."""
+    self.pending.append(record)
+
+  def flush(self, records) -> None:
+    for record in list(records) + self.pending:
+      for writer in self.writers:
+        writer.write(record)
+    self.pending = []
+
+
+def _next_stop(current: int, opts: TrainOptions, actions: Sequence[Action]) -> int:
   stops = [opts.rounds, current + max(opts.rounds_per_call, 1)]
   for every in (opts.eval_every, opts.checkpoint_every):
     if every and every > 0:
       stops.append((current // every + 1) * every)
+  for action in actions:
+    stop = action.next_stop(current)
+    if stop is not None:
+      if stop <= current:
+        raise ValueError(f"{type(action).__name__}.next_stop({current}) returned {stop}; "
+                         f"it must be a later round.")
+      stops.append(stop)
   return min(stops)
 
 
@@ -88,16 +162,56 @@ def full_state(state: ServerState, table) -> ServerState:
   return state if table is None else state._replace(client_states=table)
 
 
+_ROUNDS_CACHE: dict = {}
+_ROUNDS_CACHE_SIZE = 8
+
+
+def _compiled_rounds(algorithm: FederatedAlgorithm, data: FederatedData, opts: TrainOptions,
+                     round_wrapper: Optional[Callable]):
+  """``(run_rounds, trace_counter)`` for a method, population shape and options.
+
+  The jitted rounds are kept (a few entries), so training the same method again (a
+  baseline next to it in a notebook, a resumed run, the next task of a stream) does
+  not recompile. The counter counts how often the round is traced, i.e. compiled.
+  """
+  try:
+    key = (algorithm, data.num_clients, int(data.max_client_size), opts.clients_per_round,
+           opts.backend, opts.chunk_size, opts.donate_state, round_wrapper)
+    hash(key)
+  except TypeError:          # a method holding an unhashable field: no caching
+    key = None
+  if key is not None and key in _ROUNDS_CACHE:
+    return _ROUNDS_CACHE[key]
+  round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
+                                      chunk_size=opts.chunk_size)
+  if round_wrapper is not None:
+    round_fn = round_wrapper(round_fn)
+  traces = [0]
+
+  def counted_round(state, arrays, offsets):
+    traces[0] += 1          # runs only while tracing under jit
+    return round_fn(state, arrays, offsets)
+
+  entry = (algorithm_lib.make_multi_round(counted_round, opts.backend, opts.donate_state),
+           traces)
+  if key is not None:
+    if len(_ROUNDS_CACHE) >= _ROUNDS_CACHE_SIZE:
+      _ROUNDS_CACHE.pop(next(iter(_ROUNDS_CACHE)))
+    _ROUNDS_CACHE[key] = entry
+  return entry
+
+
 def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
           evaluate: Optional[Callable] = None, test_arrays=None,
-          opts: TrainOptions = None, round_wrapper: Optional[Callable] = None
-          ) -> tuple[ServerState, list[dict]]:
+          opts: TrainOptions = None, round_wrapper: Optional[Callable] = None,
+          actions: Sequence[Action] = ()) -> tuple[ServerState, list[dict]]:
   """Runs ``opts.rounds`` rounds (resuming from ``opts.workdir`` if it has a checkpoint).
 
   Args:
     algorithm: the method.
     init_params: initial global params.
-    data: the training population.
+    data: the training population (with ``actions`` that switch data: its shape,
+      ``num_clients`` and ``max_client_size``, is that of every dataset trained on).
     evaluate: ``(params, test_arrays) -> {'accuracy', 'loss'}``, called every
       ``eval_every`` rounds and at the end.
     test_arrays: evaluation data for ``evaluate``.
@@ -106,6 +220,7 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       are scanned (e.g. ``launch.zeroth_order`` adds the objective to the metrics and
       FZooS's safeguard); the wrapped round keeps ``round_fn``'s signature
       ``(state, arrays, offsets) -> (state, metrics)``. Device client states only.
+    actions: periodic actions (``Action``) run between chunks.
 
   Returns:
     (final state, list of per-round metric records). With ``client_states='host'``
@@ -115,17 +230,28 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
     NonFiniteLossError: naming the first bad round; the last good state is saved.
     checkpoint.CheckpointError: the workdir holds a checkpoint that cannot be read.
   """
+  loop = run_loop(algorithm, init_params, data, evaluate, test_arrays, opts, round_wrapper,
+                  actions)
+  return full_state(loop.state, loop.table), loop.history
+
+
+def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
+             evaluate: Optional[Callable] = None, test_arrays=None,
+             opts: TrainOptions = None, round_wrapper: Optional[Callable] = None,
+             actions: Sequence[Action] = ()) -> Loop:
+  """``train`` returning the whole ``Loop`` (state, history, compile count, ...)."""
   if opts.rounds < 0:
     raise ValueError(f"rounds must be >= 0, got {opts.rounds}.")
   host = opts.client_states == "host"
   if host and jax.process_count() > 1:
     raise ValueError("client_states='host' runs in one process; with several processes "
                      "use client_states='device'.")
-  arrays, offsets = data.device_arrays()
-  rng = jax.random.PRNGKey(opts.seed)
   if host and round_wrapper is not None:
     raise ValueError("round_wrapper needs client_states='device' (a host table's rounds "
                      "move rows in and out of the round).")
+  arrays, offsets = data.device_arrays()
+  rng = jax.random.PRNGKey(opts.seed)
+  traces = [0]
   if host:
     # run_rounds(state, table, ...) -> (state, metrics, rows): the table is untouched
     # until the rows are written, after the finite check.
@@ -135,12 +261,9 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
     state, table = host_states.init_host_state(algorithm, init_params, rng, data.num_clients,
                                                opts.client_state_dir)
   else:
-    round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
-                                        chunk_size=opts.chunk_size)
-    if round_wrapper is not None:
-      round_fn = round_wrapper(round_fn)
-    run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend, opts.donate_state)
+    run_rounds, traces = _compiled_rounds(algorithm, data, opts, round_wrapper)
     state, table = algorithm.init(init_params, rng, data.num_clients), None
+  traces_before = traces[0]
 
   checkpointer, writer, resumed_from = None, None, None
   if opts.workdir:
@@ -164,17 +287,24 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   donate = opts.donate_state and not host
   if donate and opts.backend != "loop":
     state = jax.tree.map(jnp.copy, state)   # donation must not consume the caller's params
-  history: list[dict] = []
   current = int(state.round)
   bar = tqdm.tqdm(total=opts.rounds, initial=min(current, opts.rounds), disable=not (opts.progress and lead),
                   desc=algorithm.name, unit="round", dynamic_ncols=True)
+  writers = ([writer] if writer else []) + list(opts.writers if lead else ())
+  loop = Loop(state=state, arrays=arrays, offsets=offsets, round=current,
+              resumed_from=resumed_from, records=[], history=[], traces=0, bar=bar,
+              table=table, writers=writers)
   try:
-    while current < opts.rounds:
-      stop = _next_stop(current, opts)
+    for action in actions:
+      action.start(loop)
+    while loop.round < opts.rounds:
+      current = loop.round
+      stop = _next_stop(current, opts, actions)
       if host:
-        new_state, chunk, rows = run_rounds(state, table, arrays, offsets, stop - current)
+        new_state, chunk, rows = run_rounds(loop.state, loop.table, loop.arrays, loop.offsets,
+                                            stop - current)
       else:
-        new_state, chunk = run_rounds(state, arrays, offsets, stop - current)
+        new_state, chunk = run_rounds(loop.state, loop.arrays, loop.offsets, stop - current)
       chunk = {k: np.asarray(v) for k, v in chunk.items()}
       bad = np.flatnonzero(~np.isfinite(chunk["train_loss"]))
       if bad.size:
@@ -186,36 +316,34 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
                    (f"the last checkpoint is round {saved} in {checkpointer.directory}."
                     if saved is not None else "there is no checkpoint."))
         elif checkpointer:   # a host table has not been written yet: it is round current's
-          checkpointer.save(current, full_state(state, table))
+          checkpointer.save(current, full_state(loop.state, loop.table))
           where = f" It is saved in {checkpointer.directory} (round {current})."
         raise NonFiniteLossError(
             f"Training loss became non-finite at round {first_bad}; the last good state is "
             f"round {current}.{where} Lower the learning rates or check the data.")
-      state = new_state
+      loop.state = new_state
       if host:
-        rows.write(table)
-      records = [{"round": current + i + 1, **{k: v[i].item() for k, v in chunk.items()}}
-                 for i in range(stop - current)]
-      current = stop
-      if evaluate is not None and (current == opts.rounds or
-                                   (opts.eval_every and current % opts.eval_every == 0)):
-        result = metrics_lib.to_python(evaluate(state.params, test_arrays))
-        records[-1].update({f"test_{k}": v for k, v in result.items()})
-        bar.set_postfix(loss=f"{records[-1]['train_loss']:.4f}",
+        rows.write(loop.table)
+      loop.records = [{"round": current + i + 1, **{k: v[i].item() for k, v in chunk.items()}}
+                      for i in range(stop - current)]
+      loop.round = stop
+      if evaluate is not None and (stop == opts.rounds or
+                                   (opts.eval_every and stop % opts.eval_every == 0)):
+        result = metrics_lib.to_python(evaluate(loop.state.params, test_arrays))
+        loop.records[-1].update({f"test_{k}": v for k, v in result.items()})
+        bar.set_postfix(loss=f"{loop.records[-1]['train_loss']:.4f}",
                         acc=f"{result['accuracy']:.4f}")
-      if writer:
-        for record in records:
-          writer.write(record)
-      for extra_writer in (opts.writers if lead else ()):
-        for record in records:
-          extra_writer.write(record)
-      history.extend(records)
-      if checkpointer and (current == opts.rounds or
-                           (opts.checkpoint_every and current % opts.checkpoint_every == 0)):
-        checkpointer.save(current, full_state(state, table))
-      bar.update(len(records))
+      for action in actions:
+        action(loop)
+      loop.flush(loop.records)
+      loop.history.extend(loop.records)
+      if checkpointer and (stop == opts.rounds or
+                           (opts.checkpoint_every and stop % opts.checkpoint_every == 0)):
+        checkpointer.save(stop, full_state(loop.state, loop.table))
+      bar.update(len(loop.records))
   finally:
     bar.close()
     if checkpointer:
       checkpointer.close()
-  return full_state(state, table), history
+  loop.traces = traces[0] - traces_before
+  return loop

@@ -1,6 +1,7 @@
 """One rounds loop: launch scripts run through training.train's checkpoints and NaN guard."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,3 +41,34 @@ def test_zeroth_order_stops_on_a_non_finite_loss_naming_the_round(tmp_path):
   with pytest.raises(training.NonFiniteLossError, match=r"non-finite at round \d+; the last "
                                                         r"good state is round \d+"):
     zeroth_order.run(config, str(tmp_path), progress=False)
+
+
+class EveryThree(training.Action):
+  """Stops the loop at multiples of 3 and records where it was called."""
+
+  def __init__(self):
+    self.calls = []
+
+  def next_stop(self, current):
+    return (current // 3 + 1) * 3
+
+  def __call__(self, loop):
+    self.calls.append(loop.round)
+    loop.records[-1]["seen_by_action"] = 1
+
+
+def test_actions_add_stops_and_leave_the_numbers_unchanged():
+  from algorithms.fedavg import fedavg
+  from fedjax_lab.client import LocalSchedule
+  from reference import linear_example_loss, linear_problem
+  data, params = linear_problem((5, 3, 7, 4))
+  method = fedavg(linear_example_loss, 0.1, schedule=LocalSchedule(batch_size=2, epochs=1))
+  opts = training.TrainOptions(rounds=10, clients_per_round=2, rounds_per_call=4,
+                               eval_every=0, progress=False)
+  action = EveryThree()
+  state, history = training.train(method, params, data, opts=opts, actions=(action,))
+  assert action.calls == [3, 6, 9, 10]
+  assert [h["round"] for h in history if "seen_by_action" in h] == [3, 6, 9, 10]
+  plain, _ = training.train(method, params, data, opts=opts)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
