@@ -78,7 +78,7 @@ class TrainOptions:
 
 
 class Action:
-  """A periodic action of the rounds loop (subclass and override what you need).
+  """A periodic action of the rounds loop (subclass it, or give any object these methods).
 
   The loop runs the rounds in jitted chunks and stops between them at every multiple
   of ``eval_every`` and ``checkpoint_every``, every ``rounds_per_call`` rounds and at
@@ -238,8 +238,14 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
 def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
              evaluate: Optional[Callable] = None, test_arrays=None,
              opts: TrainOptions = None, round_wrapper: Optional[Callable] = None,
-             actions: Sequence[Action] = ()) -> Loop:
-  """``train`` returning the whole ``Loop`` (state, history, compile count, ...)."""
+             actions: Sequence[Action] = (), init_state: Optional[ServerState] = None) -> Loop:
+  """``train`` returning the whole ``Loop`` (state, history, compile count, ...).
+
+  ``data`` may also be any object with ``num_clients`` and ``max_client_size`` when
+  an action's ``start`` sets ``loop.arrays`` and ``loop.offsets`` (streamed cohorts).
+  ``init_state`` starts from that state instead of ``algorithm.init(init_params)``
+  (device client states only).
+  """
   if opts.rounds < 0:
     raise ValueError(f"rounds must be >= 0, got {opts.rounds}.")
   host = opts.client_states == "host"
@@ -249,7 +255,7 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   if host and round_wrapper is not None:
     raise ValueError("round_wrapper needs client_states='device' (a host table's rounds "
                      "move rows in and out of the round).")
-  arrays, offsets = data.device_arrays()
+  arrays, offsets = data.device_arrays() if hasattr(data, "device_arrays") else (None, None)
   rng = jax.random.PRNGKey(opts.seed)
   traces = [0]
   if host:
@@ -262,7 +268,8 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
                                                opts.client_state_dir)
   else:
     run_rounds, traces = _compiled_rounds(algorithm, data, opts, round_wrapper)
-    state, table = algorithm.init(init_params, rng, data.num_clients), None
+    state = algorithm.init(init_params, rng, data.num_clients) if init_state is None else init_state
+    table = None
   traces_before = traces[0]
 
   checkpointer, writer, resumed_from = None, None, None

@@ -262,12 +262,38 @@ class CohortStream:
     self.close()
 
 
+class _StreamedCohorts:
+  """A rounds-loop action that feeds every round the cohort a ``CohortStream`` gathered."""
+
+  def __init__(self, source: ClientSource, clients_per_round: int, rounds: int, prefetch: int):
+    self.source, self.clients_per_round = source, clients_per_round
+    self.rounds, self.prefetch, self.stream = rounds, prefetch, None
+
+  def next_stop(self, current):
+    return current + 1
+
+  def start(self, loop):
+    self.stream = CohortStream(self.source, loop.state, self.clients_per_round,
+                               self.rounds - loop.round, "packed", prefetch=self.prefetch)
+    if loop.round < self.rounds:
+      loop.arrays, loop.offsets = next(self.stream).data
+
+  def __call__(self, loop):
+    # The next cohort was gathered by the host thread while this round ran.
+    if loop.round < self.rounds:
+      loop.arrays, loop.offsets = next(self.stream).data
+
+  def close(self):
+    if self.stream is not None:
+      self.stream.close()
+
+
 def run_streamed(algorithm, init_params, source: ClientSource, rounds: int,
                  clients_per_round: int, backend: str = "vmap", seed: int = 0,
                  prefetch: int = 2, state=None):
   """Runs ``rounds`` rounds of ``algorithm`` with host-streamed cohorts.
 
-  The round is the engine's (``make_round`` + ``make_multi_round`` for one round),
+  The rounds loop is ``training.train``'s (one round per call, the non-finite check),
   fed with ``'packed'`` stream items, so the result equals
   ``training.train(algorithm, init_params, data, opts)`` with the same seed,
   cohort size and backend.
@@ -275,22 +301,21 @@ def run_streamed(algorithm, init_params, source: ClientSource, rounds: int,
   Returns:
     ``(state, history)``: final server state and one metrics dict per round.
   """
-  from fedjax_lab import algorithm as algorithm_lib
+  from fedjax_lab import training   # lazy: the engine imports this package
 
-  if state is None:
-    state = algorithm.init(init_params, jax.random.PRNGKey(seed), source.num_clients)
   # make_round reads only num_clients and max_client_size from the data.
   shape = _Population(source.num_clients, int(np.asarray(source.client_sizes).max()))
-  round_fn = algorithm_lib.make_round(algorithm, shape, clients_per_round, backend)
-  run = algorithm_lib.make_multi_round(round_fn, backend)
-  metrics = []
-  with CohortStream(source, state, clients_per_round, rounds, "packed", prefetch=prefetch) as stream:
-    for item in stream:
-      state, m = run(state, *item.data, 1)  # asynchronous: the next cohort is gathered meanwhile
-      metrics.append(m)
-  history = [{"round": int(i) + 1, **{k: np.asarray(v)[0].item() for k, v in m.items()}}
-             for i, m in zip(range(int(state.round) - len(metrics), int(state.round)), metrics)]
-  return state, history
+  total = rounds if state is None else int(state.round) + rounds
+  action = _StreamedCohorts(source, clients_per_round, total, prefetch)
+  opts = training.TrainOptions(rounds=total, clients_per_round=clients_per_round,
+                               backend=backend, seed=seed, eval_every=0, rounds_per_call=1,
+                               progress=False)
+  try:
+    loop = training.run_loop(algorithm, init_params, shape, opts=opts, actions=(action,),
+                             init_state=state)
+  finally:
+    action.close()
+  return loop.state, loop.history
 
 
 class _Population(NamedTuple):
