@@ -21,7 +21,6 @@ shapes (FOT's pre-allocated bases) runs the whole stream on a single compilation
 """
 import dataclasses
 import json
-import math
 import os
 from typing import Callable, NamedTuple, Optional
 
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 
 from fedjax_lab import checkpoint as checkpoint_lib
+from fedjax_lab import metrics as metrics_lib
 from fedjax_lab import parallel
 from fedjax_lab import training
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
@@ -104,22 +104,14 @@ def make_evaluator(model: Model, batch_size: int = 1024):
   """
   @jax.jit
   def evaluate(params, arrays, class_mask):
-    x, y = arrays["x"], arrays["y"]
-    n = x.shape[0]
-    chunks = max(math.ceil(n / batch_size), 1)
-    pad = chunks * batch_size - n
-    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((chunks, batch_size) + x.shape[1:])
-    ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
-    ms = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
+    def chunk(batch, mask, index):
+      del index
+      logits = mask_logits(model.apply(params, batch["x"]), class_mask)
+      return metrics_lib.classification_sums(logits, batch["y"], mask)
 
-    def chunk(args):
-      xb, yb, mb = args
-      logits = mask_logits(model.apply(params, xb), class_mask)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      return jnp.sum(jnp.where(mb, loss, 0.0)), jnp.sum((jnp.argmax(logits, -1) == yb) & mb)
-
-    losses, corrects = jax.lax.map(chunk, (xs, ys, ms))
-    return {"accuracy": jnp.sum(corrects) / n, "loss": jnp.sum(losses) / n}
+    sums = metrics_lib.chunked_sums(chunk, {"x": arrays["x"], "y": arrays["y"]}, batch_size)
+    n = arrays["x"].shape[0]
+    return {"accuracy": sums["accuracy"] / n, "loss": sums["loss"] / n}
 
   return evaluate
 

@@ -13,6 +13,38 @@ from fedjax_lab import attacks as attacks_lib
 from fedjax_lab.models import Model
 
 
+def chunked_sums(fn: Callable, arrays: Mapping, batch_size: int) -> dict:
+  """``fn``'s sums over ``arrays`` in chunks of ``batch_size`` rows (padded, masked).
+
+  The one batched evaluation loop: every evaluator is a ``fn(batch, mask, index) ->
+  {name: sum over the chunk}`` whose ``mask`` bool ``[batch_size]`` marks the real rows
+  (padding rows are zeros) and ``index`` is the chunk's number (e.g. for a key).
+  Chunks run one after another (``lax.map``), so memory stays bounded.
+
+  Returns:
+    ``{name: total over all rows}``.
+  """
+  n = jax.tree.leaves(arrays)[0].shape[0]
+  chunks = max(math.ceil(n / batch_size), 1)
+  pad = chunks * batch_size - n
+
+  def split(a):
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((chunks, batch_size) + a.shape[1:])
+
+  batches = {k: split(v) for k, v in arrays.items()}
+  masks = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
+  sums = jax.lax.map(lambda args: fn(*args), (batches, masks, jnp.arange(chunks)))
+  return {k: jnp.sum(v) for k, v in sums.items()}
+
+
+def classification_sums(logits: jax.Array, y: jax.Array, mask: jax.Array) -> dict:
+  """Summed cross-entropy and correct predictions of the masked rows."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  return {"loss": jnp.sum(jnp.where(mask, loss, 0.0)),
+          "accuracy": jnp.sum((jnp.argmax(logits, -1) == y) & mask)}
+
+
 def make_evaluator(model: Model, batch_size: int = 1024):
   """Returns jitted ``evaluate(params, arrays) -> {'accuracy', 'loss'}``.
 
@@ -21,24 +53,13 @@ def make_evaluator(model: Model, batch_size: int = 1024):
   """
   @jax.jit
   def evaluate(params, arrays):
-    x, y = arrays["x"], arrays["y"]
-    n = x.shape[0]
-    chunks = math.ceil(n / batch_size)
-    pad = chunks * batch_size - n
-    mask = jnp.arange(chunks * batch_size) < n
-    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((chunks, batch_size) + x.shape[1:])
-    ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
-    ms = mask.reshape(chunks, batch_size)
+    def chunk(batch, mask, index):
+      del index
+      return classification_sums(model.apply(params, batch["x"]), batch["y"], mask)
 
-    def chunk(args):
-      xb, yb, mb = args
-      logits = model.apply(params, xb)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      correct = jnp.argmax(logits, -1) == yb
-      return jnp.sum(jnp.where(mb, loss, 0.0)), jnp.sum(correct & mb)
-
-    losses, corrects = jax.lax.map(chunk, (xs, ys, ms))
-    return {"accuracy": jnp.sum(corrects) / n, "loss": jnp.sum(losses) / n}
+    sums = chunked_sums(chunk, {"x": arrays["x"], "y": arrays["y"]}, batch_size)
+    n = arrays["x"].shape[0]
+    return {"accuracy": sums["accuracy"] / n, "loss": sums["loss"] / n}
 
   return evaluate
 
@@ -87,31 +108,21 @@ def make_robust_evaluator(model: Model, attacks: Mapping[str, Callable],
 
   @jax.jit
   def evaluate_with_key(params, arrays, rng):
-    x, y = arrays["x"], arrays["y"]
-    n = x.shape[0]
-    chunks = math.ceil(n / batch_size)
-    pad = chunks * batch_size - n
-    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((chunks, batch_size) + x.shape[1:])
-    ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
-    ms = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
-
-    def chunk(args):
-      xb, yb, mb, index = args
+    def chunk(batch, mask, index):
+      xb, yb = batch["x"], batch["y"]
       example_loss = lambda inputs: optax.softmax_cross_entropy_with_integer_labels(
           model.apply(params, inputs), yb)
-      logits = model.apply(params, xb)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      counts = {"accuracy": jnp.sum((jnp.argmax(logits, -1) == yb) & mb)}
+      sums = classification_sums(model.apply(params, xb), yb, mask)
       key = jax.random.fold_in(rng, index)
       for i, name in enumerate(names):
         x_adv = attacks[name](example_loss, xb, jax.random.fold_in(key, i))
         predicted = jnp.argmax(model.apply(params, x_adv), -1)
-        counts[f"{name}_accuracy"] = jnp.sum((predicted == yb) & mb)
-      return jnp.sum(jnp.where(mb, loss, 0.0)), counts
+        sums[f"{name}_accuracy"] = jnp.sum((predicted == yb) & mask)
+      return sums
 
-    losses, counts = jax.lax.map(chunk, (xs, ys, ms, jnp.arange(chunks)))
-    result = {k: jnp.sum(v) / n for k, v in counts.items()}
-    result["loss"] = jnp.sum(losses) / n
+    sums = chunked_sums(chunk, {"x": arrays["x"], "y": arrays["y"]}, batch_size)
+    n = arrays["x"].shape[0]
+    result = {k: v / n for k, v in sums.items()}
     result["robust_accuracy"] = result[f"{robust}_accuracy"]
     return result
 

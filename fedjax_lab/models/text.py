@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab import metrics as metrics_lib
 from fedjax_lab.models import Model, from_linen
 
 PAD = 0  # same as fedjax_lab.data.text.PAD (not imported: models stay independent of data)
@@ -87,23 +88,18 @@ def make_sequence_evaluator(model: Model, pad_id: int = PAD, batch_size: int = 2
   """
   @jax.jit
   def evaluate(params, arrays):
-    x, y = arrays["x"], arrays["y"]
-    n = x.shape[0]
-    chunks = -(-n // batch_size)
-    pad = chunks * batch_size - n
-    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, batch_size, -1)
-    ys = jnp.pad(y, ((0, pad), (0, 0)), constant_values=pad_id).reshape(chunks, batch_size, -1)
+    def chunk(batch, rows, index):
+      del index
+      logits = model.apply(params, batch["x"])
+      losses, mask = token_losses(logits, batch["y"], pad_id)
+      mask = mask & rows[:, None]     # padding rows hold no targets
+      return {"loss": jnp.sum(jnp.where(mask, losses, 0.0)),
+              "accuracy": jnp.sum((jnp.argmax(logits, -1) == batch["y"]) & mask),
+              "num_tokens": jnp.sum(mask)}
 
-    def chunk(args):
-      xb, yb = args
-      logits = model.apply(params, xb)
-      losses, mask = token_losses(logits, yb, pad_id)
-      correct = (jnp.argmax(logits, -1) == yb) & mask
-      return jnp.sum(losses), jnp.sum(correct), jnp.sum(mask)
-
-    losses, correct, tokens = jax.lax.map(chunk, (xs, ys))
-    total = jnp.maximum(jnp.sum(tokens), 1)
-    return {"accuracy": jnp.sum(correct) / total, "loss": jnp.sum(losses) / total,
-            "num_tokens": jnp.sum(tokens)}
+    sums = metrics_lib.chunked_sums(chunk, {"x": arrays["x"], "y": arrays["y"]}, batch_size)
+    total = jnp.maximum(sums["num_tokens"], 1)
+    return {"accuracy": sums["accuracy"] / total, "loss": sums["loss"] / total,
+            "num_tokens": sums["num_tokens"]}
 
   return evaluate
