@@ -27,11 +27,6 @@ from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.client import LocalSchedule
 
 
-def _sq_norm(tree) -> jax.Array:
-  return sum(jax.tree.leaves(jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))),
-                                          tree)), jnp.zeros((), jnp.float32))
-
-
 class FedExpState(NamedTuple):
   """step_size: float32 [], the last eta_g (1 before the first round)."""
   step_size: jax.Array
@@ -62,7 +57,7 @@ def scale_by_fedexp(eps=1e-3) -> optax.GradientTransformationExtraArgs:
       raise ValueError("scale_by_fedexp needs the clients' mean squared update norm: the "
                        "`aggregate['sq_norm']` or `mean_sq_norm` extra argument.")
     # A zero update with eps = 0 would divide 0 by 0; the floor keeps eta_g = 1 then.
-    denom = jnp.maximum(2.0 * (_sq_norm(updates) + eps), 1e-30)
+    denom = jnp.maximum(2.0 * (optax.tree.norm(updates, squared=True) + eps), 1e-30)
     step = jnp.maximum(1.0, mean_sq_norm / denom)
     return jax.tree.map(lambda g: (step * g).astype(g.dtype), updates), FedExpState(step)
 
@@ -75,7 +70,7 @@ def fedexp(example_loss, client_lr: float, server_lr: float = 1.0,
   """FedExP with client SGD(``client_lr``); the server step is ``server_lr * eta_g``."""
   def client_final(local, message_down, client_state):
     delta = jax.tree.map(jnp.subtract, local.params, message_down["params"])
-    return {"delta": delta, "sq_norm": _sq_norm(delta)}, client_state
+    return {"delta": delta, "sq_norm": optax.tree.norm(delta, squared=True)}, client_state
 
   return FederatedAlgorithm(
       name="fedexp", oracle=oracles.first_order(example_loss), client_tx=optax.sgd(client_lr),

@@ -82,21 +82,14 @@ SERVER_OPTIMIZERS = ("sgd", "momentum") + fedopt.SERVER_OPTIMIZERS
 
 # ----------------------------------------------------------------------------- helpers
 
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """``<a, b>`` over all leaves flattened, a float32 scalar."""
-  products = jax.tree.map(lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)),
-                          a, b)
-  return sum(jax.tree.leaves(products), jnp.zeros((), jnp.float32))
-
-
 def tree_cosine(a: PyTree, b: PyTree) -> jax.Array:
   """``<a, b> / (|a| |b|)``, 0 where either is zero: the scale-free hypergradient."""
-  norms = jnp.sqrt(tree_vdot(a, a) * tree_vdot(b, b))
-  return jnp.where(norms > 0, tree_vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+  norms = jnp.sqrt(optax.tree.vdot(a, a) * optax.tree.vdot(b, b))
+  return jnp.where(norms > 0, optax.tree.vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
 
 
 def _alignment(normalize: bool):
-  return tree_cosine if normalize else tree_vdot
+  return tree_cosine if normalize else optax.tree.vdot
 
 
 def _where(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
