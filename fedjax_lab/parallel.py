@@ -2,7 +2,10 @@
 
 A mapper runs ``client_fn(shared, one_client) -> (message_up, weight, outputs)`` for
 every client of the cohort and reduces the messages with the aggregator INSIDE the
-mapped region, so on many devices only the aggregate leaves each device (``psum``).
+mapped region, so on many devices only the aggregate leaves each device. The
+aggregator does not know where the clients are: the mapper hands it the backend's
+``Collectives`` (``sum`` / ``gather`` over clients: the identity on ``loop`` and
+``vmap``, ``psum`` / ``all_gather`` over the ``'clients'`` axis on ``sharded``).
 
 * ``loop``: a Python loop calling one jitted client function per client (debugging,
   the performance baseline). The round around it is not jitted.
@@ -28,10 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fedjax_lab.transforms import Aggregator, SumStream
+from fedjax_lab.transforms import LOCAL_COLLECTIVES, Aggregator, Collectives, SumStream
 
 CLIENTS_AXIS = "clients"
 BACKENDS = ("loop", "vmap", "sharded")
+
+# The sharded backend's reductions over the clients axis.
+SHARDED_COLLECTIVES = Collectives(
+    sum=lambda tree: jax.lax.psum(tree, CLIENTS_AXIS),
+    gather=lambda tree: jax.lax.all_gather(tree, CLIENTS_AXIS, tiled=True))
 
 
 def validate_backend(backend: str) -> None:
@@ -168,7 +176,8 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
 
   Args:
     client_fn: ``(shared, one_client) -> (message_up, weight, outputs)``; pure.
-    aggregator: reduces the ``message_up`` with the weights (stacked, or streamed).
+    aggregator: reduces the ``message_up`` with the weights (stacked, or streamed),
+      given the backend's ``Collectives``.
     backend: one of ``BACKENDS``.
     mesh: device mesh for ``sharded`` (default: all local devices).
     chunk_size: clients vectorised at once, per device (None: all of them). Bounds
@@ -183,20 +192,20 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
   validate_backend(backend)
   validate_chunk_size(chunk_size)
 
-  def map_and_aggregate(shared, per_client, agg_state, axis_name):
+  def map_and_aggregate(shared, per_client, agg_state, collectives):
     count = jax.tree.leaves(per_client)[0].shape[0]
     if aggregator.stream is not None and chunk_size is not None and chunk_size < count:
       acc, outputs = map_clients_streaming(client_fn, shared, per_client, aggregator.stream,
                                            agg_state, chunk_size)
-      aggregate, agg_state = aggregator.stream.finish(acc, agg_state, axis_name)
+      aggregate, agg_state = aggregator.stream.finish(acc, agg_state, collectives)
       return aggregate, outputs, agg_state
     messages, weights, outputs = map_clients(client_fn, shared, per_client, chunk_size)
-    aggregate, agg_state = aggregator.update(messages, weights, agg_state, axis_name)
+    aggregate, agg_state = aggregator.update(messages, weights, agg_state, collectives)
     return aggregate, outputs, agg_state
 
   if backend == "vmap":
     return lambda shared, per_client, agg_state: map_and_aggregate(
-        shared, per_client, agg_state, None)
+        shared, per_client, agg_state, LOCAL_COLLECTIVES)
 
   if backend == "loop":
     jitted = jax.jit(client_fn)
@@ -206,7 +215,7 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
       results = [jitted(shared, jax.tree.map(lambda x, i=i: x[i], per_client))
                  for i in range(count)]
       messages, weights, outputs = _stack(results)
-      aggregate, agg_state = aggregator.update(messages, weights, agg_state, None)
+      aggregate, agg_state = aggregator.update(messages, weights, agg_state, LOCAL_COLLECTIVES)
       return aggregate, outputs, agg_state
     return looped
 
@@ -214,7 +223,7 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
 
   def per_device(shared, per_client, agg_state):
     # per_client holds this device's clients only, so chunks are per device.
-    return map_and_aggregate(shared, per_client, agg_state, CLIENTS_AXIS)
+    return map_and_aggregate(shared, per_client, agg_state, SHARDED_COLLECTIVES)
 
   sharded = jax.shard_map(
       per_device, mesh=mesh,
@@ -223,7 +232,7 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: str,
       # Without vma checking, jax.grad w.r.t. the replicated params is per device (with
       # it, it would be summed over devices unless every input were pcast to varying),
       # and any optax transform that starts a counter from a constant composes as is.
-      # The aggregator's psum is what makes the outputs replicated.
+      # The aggregator's collectives (psum) are what make the outputs replicated.
       check_vma=False)
 
   def mapper(shared, per_client, agg_state):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import aggregate as aggregate_lib
-from fedjax_lab.transforms import Aggregator, SumStream
+from fedjax_lab.transforms import Aggregator, SumStream, as_collectives
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "without_replacement")
@@ -133,10 +133,8 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     return (jax.tree.map(jnp.add, acc[0], total),
             acc[1] + jnp.sum(unit * (norms <= state.clip)))
 
-  def finish(acc, state, axis_name=None):
-    total, unclipped = acc
-    if axis_name is not None:
-      total, unclipped = jax.lax.psum((total, unclipped), axis_name)
+  def finish(acc, state, collectives=None):
+    total, unclipped = as_collectives(collectives).sum(acc)
     key, noise_key, count_key = jax.random.split(state.key, 3)
     z_update = (_update_noise_multiplier(state.noise_multiplier, count_noise)
                 if count_noise > 0 else state.noise_multiplier)

@@ -91,7 +91,8 @@ def drjax_mapper_factory(drjax, cohort_size, mesh, primitives_only=True):
       if not primitives_only:
         messages, weights, outputs = drjax.map_fn(
             lambda *one: client_fn(shared, one), per_client, mesh=mesh)
-        aggregate, agg_state = aggregator.update(messages, weights, agg_state, None)
+        aggregate, agg_state = aggregator.update(messages, weights, agg_state,
+                                                 parallel.LOCAL_COLLECTIVES)
         return aggregate, outputs, agg_state
       placed = drjax.broadcast(shared, mesh=mesh)
       messages, weights, outputs = drjax.map_fn(client_fn, (placed, per_client), mesh=mesh)
