@@ -158,21 +158,22 @@ def evaluate_all(evaluate, params, stream: TaskStream) -> np.ndarray:
 
 # ------------------------------------------------- task-boundary statistics over clients
 
-def make_client_statistic(client_fn: Callable, aggregator: Aggregator, backend: str = "vmap"
-                          ) -> Callable:
+def make_client_statistic(client_fn: Callable, aggregator: Aggregator,
+                          backend: parallel.BackendLike = "vmap") -> Callable:
   """A federated statistic computed once at a task boundary (not a training round).
 
   Args:
     client_fn: ``(shared, (data, size, rng)) -> (message, weight, outputs)`` for one
       client, ``data`` its arrays padded to ``[max_examples, ...]``.
     aggregator: reduces the messages (e.g. a secure sum, a weighted mean).
-    backend: ``loop``/``vmap``/``sharded`` (parallel.py).
+    backend: a ``parallel.Backend`` or its name (``loop``/``vmap``/``sharded``).
 
   Returns:
-    ``stat(shared, arrays, offsets, ids, rng, max_examples) -> aggregate``; jitted
-    (``max_examples`` static) except for the loop backend.
+    ``stat(shared, arrays, offsets, ids, rng, max_examples) -> aggregate``;
+    ``backend.jit``-ed (``max_examples`` static): jitted except on the loop backend.
   """
-  mapper = parallel.make_mapper(client_fn, aggregator, backend)
+  backend = parallel.get_backend(backend)
+  mapper = backend.make_mapper(client_fn, aggregator)
 
   def run(shared, arrays, offsets, ids, rng, max_examples):
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
@@ -180,13 +181,13 @@ def make_client_statistic(client_fn: Callable, aggregator: Aggregator, backend: 
     result, _, _ = mapper(shared, (cohort, sizes, keys), aggregator.init())
     return result
 
-  return run if backend == "loop" else jax.jit(run, static_argnums=5)
+  return backend.jit(run, static_argnums=5)
 
 
 def run_client_statistic(stat: Callable, shared, data: FederatedData, rng, clients: int = 0,
-                         samples: int = 0, backend: str = "vmap"):
+                         samples: int = 0, backend: parallel.BackendLike = "vmap"):
   """Runs ``stat`` over ``clients`` clients drawn from ``data`` (0: all), each using its
-  first ``samples`` examples (0: all).
+  first ``samples`` examples (0: all). ``backend`` is ``stat``'s (it pads the cohort).
 
   Each client's data is padded to a power of two (rows masked), so the tasks of a
   stream mostly share one compilation of ``stat``.
@@ -198,7 +199,7 @@ def run_client_statistic(stat: Callable, shared, data: FederatedData, rng, clien
     ids = np.sort(np.random.default_rng(np.asarray(rng)).choice(n, clients, replace=False))
   else:
     ids = np.arange(n)
-  padded = parallel.padded_cohort_size(len(ids), backend)
+  padded = parallel.get_backend(backend).padded_cohort_size(len(ids))
   ids = np.concatenate([ids, np.full(padded - len(ids), n)]).astype(np.int32)
   # Padded to a power of two so tasks with slightly different client sizes share one
   # compiled program; the padding rows are masked.
@@ -221,7 +222,7 @@ class StreamOptions:
   Attributes:
     rounds_per_task: federated rounds on each task.
     clients_per_round: cohort size.
-    backend: ``loop``/``vmap``/``sharded``.
+    backend: a ``parallel.Backend`` or its name (``loop``/``vmap``/``sharded``).
     seed: run seed (cohorts, client shuffles, task-end randomness).
     eval_every: evaluate all tasks every this many rounds inside a task (0: only at
       task ends); gives accuracy-per-task curves.
@@ -231,7 +232,7 @@ class StreamOptions:
   """
   rounds_per_task: int
   clients_per_round: int
-  backend: str = "vmap"
+  backend: parallel.BackendLike = "vmap"
   seed: int = 0
   eval_every: int = 0
   rounds_per_call: int = 10
@@ -250,7 +251,8 @@ class StreamResult(NamedTuple):
       ``test_accuracy`` per task).
     task_info: per task, what the task-end hook reported (basis sizes, ...).
     traces: how many times the round was traced (compiled) during this run (0 when
-      an earlier run of the same method compiled it); None on the loop backend.
+      an earlier run of the same method compiled it); None on a backend that does
+      not compile rounds (loop).
   """
   state: ServerState
   acc: np.ndarray
@@ -298,7 +300,7 @@ _ROUNDS_CACHE_SIZE = 8
 
 
 def _compiled_rounds(algorithm: FederatedAlgorithm, template: FederatedData,
-                     clients_per_round: int, backend: str):
+                     clients_per_round: int, backend: parallel.Backend):
   """``(run_rounds, trace_counter)`` for a method and population shape.
 
   The jitted rounds are kept (a few entries), so running the same method again, e.g.
@@ -319,7 +321,7 @@ def _compiled_rounds(algorithm: FederatedAlgorithm, template: FederatedData,
     traces[0] += 1          # runs only while tracing under jit
     return round_fn(state, arrays, offsets)
 
-  entry = (algorithm_lib.make_multi_round(counted_round, backend), traces)
+  entry = (backend.scan_rounds(counted_round), traces)
   if key is not None:
     if len(_ROUNDS_CACHE) >= _ROUNDS_CACHE_SIZE:
       _ROUNDS_CACHE.pop(next(iter(_ROUNDS_CACHE)))
@@ -347,7 +349,8 @@ def run_stream(algorithm: FederatedAlgorithm, stream: TaskStream, init_params, e
   _check_stream(stream, opts)
   num_tasks, rounds = len(stream), opts.rounds_per_task
   template = max(stream, key=lambda t: t.train.max_client_size).train
-  run_rounds, traces = _compiled_rounds(algorithm, template, opts.clients_per_round, opts.backend)
+  backend = parallel.get_backend(opts.backend)
+  run_rounds, traces = _compiled_rounds(algorithm, template, opts.clients_per_round, backend)
   traces_before = traces[0]
   length = max(t.train.num_examples for t in stream)
   offsets = [jnp.asarray(t.train.client_offsets, jnp.int32) for t in stream]
@@ -419,7 +422,7 @@ def run_stream(algorithm: FederatedAlgorithm, stream: TaskStream, init_params, e
       checkpointer.close()
   acc = np.asarray(acc_rows, np.float64)
   return StreamResult(state, acc, continual_metrics(acc), history, task_info,
-                      None if opts.backend == "loop" else traces[0] - traces_before)
+                      traces[0] - traces_before if backend.compiled else None)
 
 
 def _resume_rows(side_path: str, resumed_round: int, rounds_per_task: int) -> dict:

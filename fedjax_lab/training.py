@@ -24,6 +24,7 @@ from fedjax_lab import checkpoint as checkpoint_lib
 from fedjax_lab import distributed
 from fedjax_lab import host_states
 from fedjax_lab import metrics as metrics_lib
+from fedjax_lab import parallel
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.data.federated import FederatedData
 
@@ -44,7 +45,7 @@ class TrainOptions:
   """
   rounds: int
   clients_per_round: int
-  backend: str = "vmap"
+  backend: parallel.BackendLike = "vmap"   # a name or a parallel.Backend object
   chunk_size: Optional[int] = None  # clients vectorised at once (None: the whole cohort)
   # Update the state (the client-state table above all) in place instead of copying it
   # every call. The state before a non-finite round is then gone: the last checkpoint
@@ -116,20 +117,21 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   if host and jax.process_count() > 1:
     raise ValueError("client_states='host' runs in one process; with several processes "
                      "use client_states='device'.")
+  backend = parallel.get_backend(opts.backend)
   arrays, offsets = data.device_arrays()
   rng = jax.random.PRNGKey(opts.seed)
   if host:
     # run_rounds(state, table, ...) -> (state, metrics, rows): the table is untouched
     # until the rows are written, after the finite check.
     run_rounds = host_states.make_host_state_multi_round(
-        algorithm, data, opts.clients_per_round, opts.backend,
+        algorithm, data, opts.clients_per_round, backend,
         chunk_size=opts.chunk_size).deferred
     state, table = host_states.init_host_state(algorithm, init_params, rng, data.num_clients,
                                                opts.client_state_dir)
   else:
-    round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
+    round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, backend,
                                         chunk_size=opts.chunk_size)
-    run_rounds = algorithm_lib.make_multi_round(round_fn, opts.backend, opts.donate_state)
+    run_rounds = backend.scan_rounds(round_fn, opts.donate_state)
     state, table = algorithm.init(init_params, rng, data.num_clients), None
 
   checkpointer, writer, resumed_from = None, None, None
@@ -143,16 +145,16 @@ def train(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       else:
         state = checkpointer.restore(state)
   lead = distributed.is_lead_process()
-  if opts.backend == "sharded" and jax.process_count() > 1:
-    # Global arrays replicated over every process's devices (a restore lands on one
-    # local device, which a multi-process jit refuses).
-    state, arrays, offsets = distributed.replicate((state, arrays, offsets))
-    distributed.check_same_on_all_processes((state, arrays, offsets), "initial state and data")
+  # With several processes (sharded): global arrays replicated over every process's
+  # devices (a restore lands on one local device, which a multi-process jit refuses),
+  # checked equal on all of them. Identity otherwise.
+  state, arrays, offsets = backend.replicate_for_processes((state, arrays, offsets),
+                                                           "initial state and data")
   if opts.workdir and lead:   # checkpoints are collective; metrics are written once
     writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed_from)
 
   donate = opts.donate_state and not host
-  if donate and opts.backend != "loop":
+  if donate and backend.compiled:
     state = jax.tree.map(jnp.copy, state)   # donation must not consume the caller's params
   history: list[dict] = []
   current = int(state.round)

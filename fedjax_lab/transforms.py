@@ -53,6 +53,10 @@ class Collectives(NamedTuple):
   gather: ``tree [K, ...] -> tree [C, ...]``, the placements' stacked clients
     concatenated in cohort order, the same on every placement; identity on one
     device, ``all_gather(tiled=True)`` over the clients' devices.
+
+  On the ``sharded`` backend the varying-axes check is on: an aggregate that still
+  depends on one device's clients (a partial sum that never went through ``sum``)
+  cannot leave the mapped region and fails when the round is traced.
   """
   sum: Callable[[PyTree], PyTree]
   gather: Callable[[PyTree], PyTree]

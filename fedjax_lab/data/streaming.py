@@ -263,26 +263,28 @@ class CohortStream:
 
 
 def run_streamed(algorithm, init_params, source: ClientSource, rounds: int,
-                 clients_per_round: int, backend: str = "vmap", seed: int = 0,
+                 clients_per_round: int, backend="vmap", seed: int = 0,
                  prefetch: int = 2, state=None):
   """Runs ``rounds`` rounds of ``algorithm`` with host-streamed cohorts.
 
   The round is the engine's (``make_round`` + ``make_multi_round`` for one round),
   fed with ``'packed'`` stream items, so the result equals
   ``training.train(algorithm, init_params, data, opts)`` with the same seed,
-  cohort size and backend.
+  cohort size and backend (a ``parallel.Backend`` or its name).
 
   Returns:
     ``(state, history)``: final server state and one metrics dict per round.
   """
   from fedjax_lab import algorithm as algorithm_lib
+  from fedjax_lab import parallel
 
   if state is None:
     state = algorithm.init(init_params, jax.random.PRNGKey(seed), source.num_clients)
   # make_round reads only num_clients and max_client_size from the data.
   shape = _Population(source.num_clients, int(np.asarray(source.client_sizes).max()))
+  backend = parallel.get_backend(backend)
   round_fn = algorithm_lib.make_round(algorithm, shape, clients_per_round, backend)
-  run = algorithm_lib.make_multi_round(round_fn, backend)
+  run = backend.scan_rounds(round_fn)
   metrics = []
   with CohortStream(source, state, clients_per_round, rounds, "packed", prefetch=prefetch) as stream:
     for item in stream:

@@ -1,0 +1,137 @@
+"""Backends as objects: names and objects agree, and the varying-axes check catches an
+aggregator that forgets its collective."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from algorithms.fedavg import fedavg
+from fedjax_lab import aggregate, parallel
+from fedjax_lab.algorithm import make_multi_round, make_round
+from fedjax_lab.client import LocalSchedule
+from fedjax_lab.parallel import LoopBackend, ShardedBackend, VmapBackend
+from fedjax_lab.transforms import LOCAL_COLLECTIVES, Aggregator, SumStream, as_collectives
+from reference import linear_example_loss, linear_problem, tree_close
+
+SIZES = (5, 3, 7, 2, 9, 4, 6)
+SCHEDULE = LocalSchedule(batch_size=2, epochs=2)
+
+
+def rounds(backend, rounds=2, cohort=5):
+  data, params = linear_problem(SIZES, seed=1)
+  method = fedavg(linear_example_loss, 0.05, 1.0, SCHEDULE)
+  run = make_multi_round(make_round(method, data, cohort, backend), backend)
+  state = method.init(params, jax.random.PRNGKey(3), data.num_clients)
+  arrays, offsets = data.device_arrays()
+  return run(state, arrays, offsets, rounds)
+
+
+def test_names_give_backend_objects_and_both_run_the_same_rounds():
+  assert parallel.BACKENDS == ("loop", "vmap", "sharded")
+  objects = {"loop": LoopBackend(), "vmap": VmapBackend(), "sharded": ShardedBackend()}
+  for name, backend in objects.items():
+    assert parallel.get_backend(name) == backend and backend.name == name
+    assert hash(parallel.get_backend(name)) == hash(backend)
+    assert parallel.get_backend(backend) is backend
+  assert [b.compiled for b in objects.values()] == [False, True, True]
+  three = parallel.client_mesh(jax.devices()[:3])
+  assert parallel.get_backend("sharded", three) == ShardedBackend(three)
+  assert ShardedBackend(three).padded_cohort_size(5) == 6
+  assert ShardedBackend().padded_cohort_size(5) == 8 == parallel.padded_cohort_size(5, "sharded")
+  assert VmapBackend().padded_cohort_size(5) == 5 == LoopBackend().padded_cohort_size(5)
+
+  reference, reference_metrics = rounds("vmap")
+  for backend in [*objects.values(), ShardedBackend(three)]:
+    state, metrics = rounds(backend)
+    tree_close(state.params, reference.params, atol=1e-5)
+    np.testing.assert_allclose(metrics["train_loss"], reference_metrics["train_loss"], rtol=1e-5)
+
+
+def test_unknown_names_and_misplaced_meshes_are_named():
+  with pytest.raises(ValueError, match="Unknown backend 'pmapp'; choose one of loop, vmap, sharded"):
+    parallel.get_backend("pmapp")
+  with pytest.raises(ValueError, match="Unknown backend 3"):
+    parallel.validate_backend(3)
+  with pytest.raises(ValueError, match=r"ShardedBackend\(mesh\)"):
+    parallel.get_backend(VmapBackend(), parallel.client_mesh())
+  with pytest.raises(ValueError, match="axis 'clients'"):
+    ShardedBackend(jax.sharding.Mesh(np.array(jax.devices()), ("data",)))
+
+
+def test_collectives_are_the_identity_locally_and_axis_names_are_refused():
+  tree = {"a": jnp.arange(3.0)}
+  assert as_collectives(None) is LOCAL_COLLECTIVES
+  assert LOCAL_COLLECTIVES.sum(tree) is tree and LOCAL_COLLECTIVES.gather(tree) is tree
+  assert VmapBackend().collectives is LOCAL_COLLECTIVES is LoopBackend().collectives
+  with pytest.raises(TypeError, match="no longer take a mesh axis name"):
+    aggregate.weighted_mean().update(tree, jnp.ones(3), (), "clients")
+
+
+# ------------------------------------------------ sharded: the varying-axes check is on
+
+
+def _mean_without_sum(messages, weights, state, collectives=None):
+  """Broken on purpose: this placement's mean, never summed over placements."""
+  del collectives
+  total = jax.tree.map(lambda m: jnp.tensordot(weights, m, axes=1), messages)
+  return jax.tree.map(lambda t: t / jnp.maximum(jnp.sum(weights), 1e-12), total), state
+
+
+def _mean_with_sum(messages, weights, state, collectives=None):
+  total = jax.tree.map(lambda m: jnp.tensordot(weights, m, axes=1), messages)
+  total, weight = as_collectives(collectives).sum((total, jnp.sum(weights)))
+  return jax.tree.map(lambda t: t / jnp.maximum(weight, 1e-12), total), state
+
+
+def _median_without_gather(messages, weights, state, collectives=None):
+  del weights, collectives
+  return jax.tree.map(lambda m: jnp.median(m, axis=0), messages), state
+
+
+def _mapped(aggregator, backend, chunk_size=None, count=16):
+  rng = np.random.default_rng(0)
+  messages = {"w": jnp.asarray(rng.normal(size=(count, 3)), jnp.float32)}
+  weights = jnp.asarray(rng.uniform(1, 2, size=count), jnp.float32)
+  client_fn = lambda shared, one: (one[0], one[1], {})
+  mapper = jax.jit(parallel.make_mapper(client_fn, aggregator, backend, chunk_size=chunk_size))
+  aggregate_, _, _ = mapper((), (messages, weights), aggregator.init())
+  return aggregate_["w"]
+
+
+def test_an_aggregator_that_forgets_its_collective_fails_on_sharded():
+  broken = Aggregator(init=lambda: (), update=_mean_without_sum)
+  fixed = Aggregator(init=lambda: (), update=_mean_with_sum)
+  expected = _mapped(aggregate.weighted_mean(), "vmap")
+  # On one device the forgotten sum is invisible ...
+  np.testing.assert_allclose(_mapped(broken, "vmap"), expected, rtol=1e-6)
+  # ... on eight it would be one device's mean: the varying-axes check refuses it.
+  with pytest.raises(ValueError, match="still depends on one device.s clients"):
+    _mapped(broken, "sharded")
+  np.testing.assert_allclose(_mapped(fixed, "sharded"), expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="still depends on one device.s clients"):
+    _mapped(Aggregator(init=lambda: (), update=_median_without_gather), "sharded")
+
+
+def test_a_stream_that_forgets_its_collective_fails_on_sharded():
+  good = aggregate.mean_stream()
+  broken = SumStream(good.zero, good.add,
+                     lambda acc, state, collectives=None: good.finish(acc, state, None))
+  expected = _mapped(aggregate.weighted_mean(), "vmap")
+  # Four clients per device in chunks of 3: the stream's running sum is used.
+  np.testing.assert_allclose(_mapped(aggregate.from_stream(good), "sharded", chunk_size=3),
+                             expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="still depends on one device.s clients"):
+    _mapped(aggregate.from_stream(broken), "sharded", chunk_size=3)
+
+
+def test_loop_scan_is_lax_scan_run_from_python():
+  f = lambda c, x: (c + x, c * x)
+  xs = jnp.arange(5.0)
+  for got, want in ((LoopBackend().scan(f, 1.0, xs), jax.lax.scan(f, 1.0, xs)),
+                    (LoopBackend().scan(f, 1.0, xs[:0]), jax.lax.scan(f, 1.0, xs[:0])),
+                    (LoopBackend().scan(lambda c, _: (c * 2, c), 1.0, length=3),
+                     jax.lax.scan(lambda c, _: (c * 2, c), 1.0, length=3))):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b) or a.shape == b.shape, got, want)
+    assert got[1].shape == want[1].shape
+  assert LoopBackend().jit(f) is f
