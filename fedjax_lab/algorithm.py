@@ -218,7 +218,7 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
     message_down = algorithm.broadcast(state)
     aggregate, outputs, agg_state = mapper(
-        message_down, (client_states, cohort, sizes, keys), state.agg_state)
+        message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
     state = algorithm.finish_round(state._replace(agg_state=agg_state), aggregate,
                                    cohort_fraction)
     new_rows = outputs["client_state"]

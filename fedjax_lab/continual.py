@@ -178,7 +178,7 @@ def make_client_statistic(client_fn: Callable, aggregator: Aggregator,
   def run(shared, arrays, offsets, ids, rng, max_examples):
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
-    result, _, _ = mapper(shared, (cohort, sizes, keys), aggregator.init())
+    result, _, _ = mapper(shared, (cohort, sizes, keys), aggregator.init(), client_ids=ids)
     return result
 
   return backend.jit(run, static_argnums=5)

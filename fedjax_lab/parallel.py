@@ -2,8 +2,10 @@
 
 A backend says how the clients of a cohort are placed and run:
 
-* ``LoopBackend``: a Python loop calling one jitted client function per client
-  (debugging, the performance baseline). The round around it is not jitted.
+* ``LoopBackend``: a Python loop calling one (jitted, or with ``jit=False`` eager)
+  client function per client. The round around it is not jitted, so prints and
+  breakpoints work; a failing client or aggregation raises ``ForEachClientError``
+  naming the stage and the client. The performance baseline.
 * ``VmapBackend``: all clients vectorised on one device.
 * ``ShardedBackend(mesh)``: the clients axis split over a 1-D device mesh with
   ``jax.shard_map``, ``vmap`` within each device; the cohort is padded to a multiple
@@ -182,6 +184,53 @@ def _map_and_aggregate(client_fn: Callable, aggregator: Aggregator, chunk_size: 
   return aggregate, outputs, agg_state
 
 
+# -------------------------------------------------------------------------- errors
+
+
+class ForEachClientError(RuntimeError):
+  """A client's local update, or the aggregation, failed on the ``loop`` backend.
+
+  As FedJAX's ``for_each_client`` debug backend: the message names the stage
+  (``LOCAL_UPDATE`` or ``AGGREGATION``) and, for a local update, the client's position
+  in the cohort and its id when the round passed the ids; the original exception is
+  chained (``__cause__``) with its own traceback.
+
+  Attributes:
+    stage: ``'local update'`` or ``'aggregation'``.
+    position: the client's position in the cohort (None for the aggregation).
+    client_id: the client's id (None when unknown, and for the aggregation).
+    cohort_size: clients in the (padded) cohort.
+  """
+  LOCAL_UPDATE = "local update"
+  AGGREGATION = "aggregation"
+
+  def __init__(self, stage: str, error: BaseException, position: Optional[int] = None,
+               client_id: Optional[int] = None, cohort_size: Optional[int] = None):
+    self.stage, self.position, self.client_id, self.cohort_size = (
+        stage, position, client_id, cohort_size)
+    if position is None:
+      where = "" if cohort_size is None else f" (cohort of {cohort_size} clients)"
+    else:
+      where = f" for the client at cohort position {position}"
+      if cohort_size is not None:
+        where += f" of {cohort_size}"
+      if client_id is not None:
+        where += f" (client id {client_id})"
+    super().__init__(f"The loop backend's {stage} failed{where}: "
+                     f"{type(error).__name__}: {error}")
+
+
+def _known_ids(client_ids, count: int) -> Optional[np.ndarray]:
+  """The ids as numpy, or None when absent or traced (a loop round under ``jax.jit``)."""
+  if client_ids is None:
+    return None
+  try:
+    ids = np.asarray(client_ids)
+  except Exception:  # pylint: disable=broad-except   (a tracer)
+    return None
+  return ids if ids.shape == (count,) else None
+
+
 # ------------------------------------------------------------------------ backends
 
 
@@ -204,7 +253,8 @@ class Backend:
 
   def make_mapper(self, client_fn: Callable, aggregator: Aggregator,
                   chunk_size: Optional[int] = None) -> Callable:
-    """``mapper(shared, per_client, agg_state) -> (aggregate, outputs, agg_state)``.
+    """``mapper(shared, per_client, agg_state, client_ids=None) -> (aggregate, outputs,
+    agg_state)``.
 
     Args:
       client_fn: ``(shared, one_client) -> (message_up, weight, outputs)``; pure.
@@ -213,7 +263,8 @@ class Backend:
       chunk_size: clients vectorised at once, per device (None: all of them).
 
     ``per_client`` leaves have a leading clients axis ``[C, ...]``; ``outputs``
-    comes back stacked the same way.
+    comes back stacked the same way. ``client_ids`` (int ``[C]``, optional) only
+    names clients in errors.
     """
     raise NotImplementedError
 
@@ -267,20 +318,38 @@ class VmapBackend(Backend):
   def make_mapper(self, client_fn, aggregator, chunk_size=None):
     validate_chunk_size(chunk_size)
 
-    def mapper(shared, per_client, agg_state):
+    def mapper(shared, per_client, agg_state, client_ids=None):
+      del client_ids
       return _map_and_aggregate(client_fn, aggregator, chunk_size, shared, per_client,
                                 agg_state, self.collectives)
     return mapper
 
 
 class LoopBackend(Backend):
-  """A Python loop over the clients, one jitted client function call each: for debugging.
+  """A Python loop over the clients, one client function call each: for debugging.
 
   The round and the rounds are not jitted (``jit`` is the identity, ``scan`` a Python
-  loop), so prints and breakpoints in the round work.
+  loop). A client whose local update raises, or an aggregation that raises, gives a
+  ``ForEachClientError`` that names the stage and the client (cohort position, and id
+  when the round passes them) and chains the original error.
+
+  Args:
+    jit: jit the client function (compiled once, called per client). False runs the
+      client and the aggregation under ``jax.disable_jit()``: every operation,
+      the local steps' ``lax.scan`` included, runs eagerly on concrete values, so
+      ``print``, breakpoints and ``jax.debug_nans`` see the actual numbers. Slow.
   """
   name = "loop"
   compiled = False
+
+  def __init__(self, jit: bool = True):
+    self.jit_clients = bool(jit)
+
+  def _key(self):
+    return (self.jit_clients,)
+
+  def __repr__(self):
+    return f"LoopBackend(jit={self.jit_clients})"
 
   def jit(self, fn, **jit_kwargs):
     del jit_kwargs
@@ -305,14 +374,36 @@ class LoopBackend(Backend):
 
   def make_mapper(self, client_fn, aggregator, chunk_size=None):
     validate_chunk_size(chunk_size)   # accepted, and moot: one client at a time
-    run_client = jax.jit(client_fn)
+    run_client = jax.jit(client_fn) if self.jit_clients else client_fn
+    eager = self.jit_clients is False
 
-    def mapper(shared, per_client, agg_state):
+    def mapper(shared, per_client, agg_state, client_ids=None):
       count = _count(per_client)
-      results = [run_client(shared, jax.tree.map(lambda x, i=i: x[i], per_client))
-                 for i in range(count)]
+      ids = _known_ids(client_ids, count)
+      results = []
+      for i in range(count):
+        one_client = jax.tree.map(lambda x, i=i: x[i], per_client)
+        try:
+          if eager:
+            with jax.disable_jit():
+              results.append(run_client(shared, one_client))
+          else:
+            results.append(run_client(shared, one_client))
+        except Exception as e:  # pylint: disable=broad-except
+          raise ForEachClientError(
+              ForEachClientError.LOCAL_UPDATE, e, position=i, cohort_size=count,
+              client_id=None if ids is None else int(ids[i])) from e
       messages, weights, outputs = _stack(results)
-      aggregate, agg_state = aggregator.update(messages, weights, agg_state, self.collectives)
+      try:
+        if eager:
+          with jax.disable_jit():
+            aggregate, agg_state = aggregator.update(messages, weights, agg_state,
+                                                     self.collectives)
+        else:
+          aggregate, agg_state = aggregator.update(messages, weights, agg_state,
+                                                   self.collectives)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ForEachClientError(ForEachClientError.AGGREGATION, e, cohort_size=count) from e
       return aggregate, outputs, agg_state
     return mapper
 
@@ -430,7 +521,8 @@ class ShardedBackend(Backend):
               f"shard_map says: {e}") from e
       return aggregate
 
-    def mapper(shared, per_client, agg_state):
+    def mapper(shared, per_client, agg_state, client_ids=None):
+      del client_ids
       count = _count(per_client)
       if count % mesh.size:
         raise ValueError(f"The sharded backend needs a cohort padded to a multiple of "
@@ -486,8 +578,8 @@ def make_mapper(client_fn: Callable, aggregator: Aggregator, backend: BackendLik
                 mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None) -> Callable:
   """``get_backend(backend, mesh).make_mapper(client_fn, aggregator, chunk_size)``.
 
-  Returns ``mapper(shared, per_client, agg_state) -> (aggregate, outputs, agg_state)``;
-  see ``Backend.make_mapper``. With ``chunk_size`` below the
+  Returns ``mapper(shared, per_client, agg_state, client_ids=None) -> (aggregate,
+  outputs, agg_state)``; see ``Backend.make_mapper``. With ``chunk_size`` below the
   (per-device) cohort and an aggregator that has a ``stream``, the messages are summed
   chunk by chunk (``map_clients_streaming``) and never stacked.
   """

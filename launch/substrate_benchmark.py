@@ -112,7 +112,10 @@ class DrJaxBackend(parallel.VmapBackend):
       aggregate = jax.tree.map(lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
       return aggregate, outputs, agg_state
 
-    return program
+    def mapper(shared, per_client, agg_state, client_ids=None):
+      del client_ids
+      return program(shared, per_client, agg_state)
+    return mapper
 
 
 # system -> the backend it runs on (drjax / drjax_map: DrJaxBackend, built with the module).

@@ -1,5 +1,6 @@
-"""Backends as objects: names and objects agree, and the varying-axes check catches an
-aggregator that forgets its collective."""
+"""Backends as objects: names and objects agree, the varying-axes check catches an
+aggregator that forgets its collective, and the loop backend names what failed."""
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,9 @@ import pytest
 
 from algorithms.fedavg import fedavg
 from fedjax_lab import aggregate, parallel
-from fedjax_lab.algorithm import make_multi_round, make_round
+from fedjax_lab.algorithm import make_multi_round, make_round, sample_cohort
 from fedjax_lab.client import LocalSchedule
-from fedjax_lab.parallel import LoopBackend, ShardedBackend, VmapBackend
+from fedjax_lab.parallel import ForEachClientError, LoopBackend, ShardedBackend, VmapBackend
 from fedjax_lab.transforms import LOCAL_COLLECTIVES, Aggregator, SumStream, as_collectives
 from reference import linear_example_loss, linear_problem, tree_close
 
@@ -35,6 +36,7 @@ def test_names_give_backend_objects_and_both_run_the_same_rounds():
     assert hash(parallel.get_backend(name)) == hash(backend)
     assert parallel.get_backend(backend) is backend
   assert [b.compiled for b in objects.values()] == [False, True, True]
+  assert LoopBackend(jit=False) != LoopBackend()
   three = parallel.client_mesh(jax.devices()[:3])
   assert parallel.get_backend("sharded", three) == ShardedBackend(three)
   assert ShardedBackend(three).padded_cohort_size(5) == 6
@@ -123,6 +125,87 @@ def test_a_stream_that_forgets_its_collective_fails_on_sharded():
                              expected, rtol=1e-5)
   with pytest.raises(ValueError, match="still depends on one device.s clients"):
     _mapped(aggregate.from_stream(broken), "sharded", chunk_size=3)
+
+
+# ------------------------------------------------ loop: errors name the client and stage
+
+
+def _client_fn(shared, one):
+  message, weight = one
+  return {"w": message * shared}, weight, {}
+
+
+def test_loop_backend_names_the_failing_client_and_stage():
+  messages = jnp.arange(12.0).reshape(4, 3)
+  weights = jnp.array([1.0, 2.0, -1.0, 1.0])
+  ids = jnp.array([10, 11, 12, 13])
+
+  # Eager (jit=False): a value-dependent failure at cohort position 2.
+  def picky(shared, one):
+    if float(one[1]) < 0:
+      raise ValueError("negative weight")
+    return _client_fn(shared, one)
+  mapper = LoopBackend(jit=False).make_mapper(picky, aggregate.weighted_mean())
+  with pytest.raises(ForEachClientError) as info:
+    mapper(jnp.float32(2.0), (messages, weights), (), client_ids=ids)
+  error = info.value
+  assert (error.stage, error.position, error.client_id) == ("local update", 2, 12)
+  assert isinstance(error.__cause__, ValueError)
+  assert re.search(r"local update failed for the client at cohort position 2 of 4 "
+                   r"\(client id 12\): ValueError: negative weight", str(error))
+
+  # Jitted clients: a tracing error is the first client's; without ids, no id.
+  def bad_shapes(shared, one):
+    return {"w": one[0] + jnp.ones(5)}, one[1], {}
+  mapper = LoopBackend().make_mapper(bad_shapes, aggregate.weighted_mean())
+  with pytest.raises(ForEachClientError, match="position 0 of 4: TypeError") as info:
+    mapper(jnp.float32(2.0), (messages, weights), ())
+  assert info.value.client_id is None and isinstance(info.value.__cause__, TypeError)
+
+  # The aggregation stage.
+  def refuse(messages, weights, state, collectives=None):
+    raise RuntimeError("no quorum")
+  mapper = LoopBackend().make_mapper(_client_fn, Aggregator(lambda: (), refuse))
+  with pytest.raises(ForEachClientError, match=r"aggregation failed \(cohort of 4 clients\): "
+                     "RuntimeError: no quorum") as info:
+    mapper(jnp.float32(2.0), (messages, weights), (), client_ids=ids)
+  assert info.value.stage == ForEachClientError.AGGREGATION and info.value.position is None
+
+
+def test_loop_round_reports_the_sampled_client_id():
+  data, params = linear_problem(SIZES, seed=1)
+
+  def broken_loss(params, batch, rng):
+    return linear_example_loss(params, batch, rng) + jnp.ones(7)   # wrong shape
+  method = fedavg(broken_loss, 0.05, 1.0, SCHEDULE)
+  state = method.init(params, jax.random.PRNGKey(3), data.num_clients)
+  first_id = int(sample_cohort(state, data.num_clients, 4)[0][0])
+  round_fn = make_round(method, data, 4, "loop")
+  with pytest.raises(ForEachClientError,
+                     match=f"position 0 of 4 \\(client id {first_id}\\)") as info:
+    round_fn(state, *data.device_arrays())
+  assert info.value.client_id == first_id
+
+
+def test_loop_backend_without_jit_runs_the_local_steps_eagerly():
+  seen = []
+
+  def recording_loss(params, batch, rng):
+    seen.append(isinstance(batch["x"], jax.core.Tracer))
+    return linear_example_loss(params, batch, rng)
+  data, params = linear_problem(SIZES, seed=1)
+  arrays, offsets = data.device_arrays()
+  finals = {}
+  for name, backend in (("eager", LoopBackend(jit=False)), ("vmap", VmapBackend())):
+    method = fedavg(recording_loss, 0.05, 1.0, SCHEDULE)
+    state = method.init(params, jax.random.PRNGKey(3), data.num_clients)
+    seen.clear()
+    finals[name] = make_round(method, data, 4, backend)(state, arrays, offsets)[0]
+    if name == "eager":
+      # The local steps ran on concrete arrays (4 clients, 2 epochs or more); only the
+      # shape probe of local training (jax.eval_shape, once per client) traces.
+      assert seen.count(False) >= 4 * 2 and seen.count(True) == 4
+  tree_close(finals["eager"].params, finals["vmap"].params, atol=1e-5)
 
 
 def test_loop_scan_is_lax_scan_run_from_python():
