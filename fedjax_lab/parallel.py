@@ -66,13 +66,16 @@ def validate_chunk_size(chunk_size: Optional[int]) -> None:
                      f"vmap), got {chunk_size!r}.")
 
 
-def _scan_chunks(chunk_fn: Callable, per_client, size: int, carry):
+def _scan_chunks(chunk_fn: Callable, per_client, size: int, carry,
+                 vary: Optional[Callable] = None):
   """``lax.scan`` of ``chunk_fn`` over the chunks of ``size`` clients of ``per_client``.
 
   ``chunk_fn(carry, chunk, fresh) -> (carry, stacked)``: ``chunk`` is ``per_client``'s
   slice ``[size, ...]`` and ``fresh`` bool ``[size]`` is False for the clients an
   earlier chunk already ran (the last chunk's overlap). ``stacked`` (leaves
-  ``[size, ...]``) is written into ``[C, ...]`` buffers in client order.
+  ``[size, ...]``) is written into ``[C, ...]`` buffers in client order. ``vary``
+  (if given) is applied to the initial carry and buffers, which start as constants
+  (a sharded region with the varying-axes check makes them varying).
 
   Returns:
     ``(carry, stacked [C, ...])``.
@@ -87,6 +90,8 @@ def _scan_chunks(chunk_fn: Callable, per_client, size: int, carry):
   fresh_shape = jax.ShapeDtypeStruct((size,), jnp.bool_)
   shapes = jax.eval_shape(chunk_fn, carry, one_chunk, fresh_shape)[1]
   buffers = jax.tree.map(lambda s: jnp.zeros((count,) + s.shape[1:], s.dtype), shapes)
+  if vary is not None:
+    carry, buffers = vary((carry, buffers))
 
   def step(state, index):
     carry, buffers = state
@@ -101,7 +106,8 @@ def _scan_chunks(chunk_fn: Callable, per_client, size: int, carry):
   return jax.lax.scan(step, (carry, buffers), jnp.arange(-(-count // size)))[0]
 
 
-def map_clients(client_fn: Callable, shared, per_client, chunk_size: Optional[int] = None):
+def map_clients(client_fn: Callable, shared, per_client, chunk_size: Optional[int] = None,
+                vary: Optional[Callable] = None):
   """``client_fn(shared, .)`` over the leading clients axis of ``per_client``.
 
   One ``vmap`` over all ``C`` clients, or, when ``chunk_size < C``, a ``lax.scan`` over
@@ -116,6 +122,8 @@ def map_clients(client_fn: Callable, shared, per_client, chunk_size: Optional[in
   stacked outputs and the cohort's data; at 512 clients and a chunk of 13 its compiled
   temporaries were as large as the unchunked vmap's.
 
+  ``vary``: applied to the chunk scan's initial buffers (see ``_scan_chunks``).
+
   Returns:
     ``client_fn``'s outputs stacked ``[C, ...]`` in client order.
   """
@@ -125,11 +133,12 @@ def map_clients(client_fn: Callable, shared, per_client, chunk_size: Optional[in
   if chunk_size is None or chunk_size >= count:
     return vmapped(shared, per_client)
   return _scan_chunks(lambda carry, chunk, fresh: (carry, vmapped(shared, chunk)),
-                      per_client, int(chunk_size), ())[1]
+                      per_client, int(chunk_size), (), vary)[1]
 
 
 def map_clients_streaming(client_fn: Callable, shared, per_client, stream: SumStream,
-                          agg_state, chunk_size: Optional[int] = None):
+                          agg_state, chunk_size: Optional[int] = None,
+                          vary: Optional[Callable] = None):
   """``map_clients`` whose messages go into ``stream``'s running sum, not a stack.
 
   Args:
@@ -137,6 +146,7 @@ def map_clients_streaming(client_fn: Callable, shared, per_client, stream: SumSt
     stream: the aggregator's ``SumStream``; its accumulator is the scan's carry.
     agg_state: the aggregator state ``stream.add`` reads (e.g. a clip norm).
     chunk_size: clients per chunk (None, or ``C`` or more: one chunk).
+    vary: applied to the scan's initial accumulator and buffers (``_scan_chunks``).
 
   Returns:
     ``(acc, outputs)``: the accumulator over all ``C`` clients, each added once (the
@@ -155,7 +165,7 @@ def map_clients_streaming(client_fn: Callable, shared, per_client, stream: SumSt
     weights = jnp.where(fresh, weights, jnp.zeros_like(weights))
     return stream.add(acc, messages, weights, agg_state), outputs
 
-  return _scan_chunks(chunk_fn, per_client, size, stream.zero(message_shapes))
+  return _scan_chunks(chunk_fn, per_client, size, stream.zero(message_shapes), vary)
 
 
 def _stack(trees):
@@ -421,6 +431,15 @@ def _gather_clients(tree):
 SHARDED_COLLECTIVES = Collectives(sum=_psum_clients, gather=_gather_clients)
 
 
+def _to_varying(tree):
+  """Each leaf marked as varying over ``'clients'`` (leaves that already vary kept)."""
+  def one(x):
+    if CLIENTS_AXIS in jax.typeof(x).mat.varying:
+      return x
+    return jax.lax.pcast(x, CLIENTS_AXIS, to="varying")
+  return jax.tree.map(one, tree)
+
+
 class ShardedBackend(Backend):
   """The clients axis split over a 1-D device mesh (``jax.shard_map``), vmap per device.
 
@@ -430,12 +449,14 @@ class ShardedBackend(Backend):
 
   1. local updates: each device runs its clients (``map_clients``, chunked and
      streamed as on ``vmap``); its stacked messages (or its streamed partial sum)
-     stay sharded. ``check_vma=False`` here: the region has no collective and every
-     output is per client, so the check would guard nothing, while with it every
-     ``lax.scan`` carry that the client code starts from a constant would have to be
-     made varying by that code (``client.local_train``'s step count, loss sums and
-     optax state are not), and ``jax.grad`` w.r.t. the replicated params would be
-     summed over devices unless they were ``pcast`` to varying first.
+     stay sharded. ``check_vma=False`` here by default: the region has no collective
+     and every output is per client, so the check guards nothing, and with it every
+     ``lax.scan`` carry that the client code starts from a constant must be made
+     varying by that code (``client.local_train``'s step count, loss sums and optax
+     state are not, and fail the check). ``check_local_vma=True`` turns it on for
+     client functions that do: the shared inputs are then ``pcast`` to varying (else
+     ``jax.grad`` w.r.t. the replicated params would be summed over devices) and so
+     are the chunk scans' carries.
   2. aggregation: the aggregator gets ``collectives`` (``psum`` and
      ``all_gather(tiled=True)`` over ``'clients'``) with ``check_vma=True``, and the
      aggregate and its state leave replicated (``P()``): an aggregator that forgets a
@@ -444,16 +465,18 @@ class ShardedBackend(Backend):
   Args:
     mesh: a 1-D mesh with the axis ``'clients'`` (default: ``client_mesh()``, all
       devices of all processes, resolved when first needed).
+    check_local_vma: the varying-axes check on the local-update region too (see 1.).
   """
   name = "sharded"
   collectives = SHARDED_COLLECTIVES
 
-  def __init__(self, mesh: Optional[Mesh] = None):
+  def __init__(self, mesh: Optional[Mesh] = None, check_local_vma: bool = False):
     if mesh is not None and tuple(mesh.axis_names) != (CLIENTS_AXIS,):
       raise ValueError(f"The sharded backend needs a 1-D mesh with the axis "
                        f"{CLIENTS_AXIS!r} (parallel.client_mesh), got axes "
                        f"{tuple(mesh.axis_names)}.")
     self._mesh = mesh
+    self.check_local_vma = bool(check_local_vma)
 
   @property
   def mesh(self) -> Mesh:
@@ -462,10 +485,11 @@ class ShardedBackend(Backend):
     return self._mesh
 
   def _key(self):
-    return (self.mesh,)
+    return (self.mesh, self.check_local_vma)
 
   def __repr__(self):
-    return f"ShardedBackend(mesh={self._mesh!r})"
+    extra = ", check_local_vma=True" if self.check_local_vma else ""
+    return f"ShardedBackend(mesh={self._mesh!r}{extra})"
 
   def padded_cohort_size(self, cohort_size):
     shards = self.mesh.size
@@ -481,21 +505,26 @@ class ShardedBackend(Backend):
 
   def make_mapper(self, client_fn, aggregator, chunk_size=None):
     validate_chunk_size(chunk_size)
-    mesh, collectives = self.mesh, self.collectives
+    mesh, collectives, checked = self.mesh, self.collectives, self.check_local_vma
+    vary = _to_varying if checked else None
 
     def local_updates(streaming):
       def local_updates_on_device(shared, per_client, agg_state):
         # per_client holds this device's clients only, so chunks are per device.
+        if checked:   # per-device copies, so that grads w.r.t. them stay per device
+          shared = _to_varying(shared)
         if streaming:
           acc, outputs = map_clients_streaming(client_fn, shared, per_client,
-                                               aggregator.stream, agg_state, chunk_size)
+                                               aggregator.stream, agg_state, chunk_size,
+                                               vary)
           return jax.tree.map(lambda a: a[None], acc), outputs   # [1, ...] per device
-        messages, weights, outputs = map_clients(client_fn, shared, per_client, chunk_size)
+        messages, weights, outputs = map_clients(client_fn, shared, per_client, chunk_size,
+                                                 vary)
         return (messages, weights), outputs
       return jax.shard_map(local_updates_on_device, mesh=mesh,
                            in_specs=(P(), P(CLIENTS_AXIS), P()),
                            out_specs=(P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
-                           check_vma=False)
+                           check_vma=checked)
 
     def aggregation(streaming):
       def aggregate_on_device(uploads, agg_state):

@@ -37,6 +37,7 @@ def test_names_give_backend_objects_and_both_run_the_same_rounds():
     assert parallel.get_backend(backend) is backend
   assert [b.compiled for b in objects.values()] == [False, True, True]
   assert LoopBackend(jit=False) != LoopBackend()
+  assert ShardedBackend(check_local_vma=True) != ShardedBackend()
   three = parallel.client_mesh(jax.devices()[:3])
   assert parallel.get_backend("sharded", three) == ShardedBackend(three)
   assert ShardedBackend(three).padded_cohort_size(5) == 6
@@ -125,6 +126,49 @@ def test_a_stream_that_forgets_its_collective_fails_on_sharded():
                              expected, rtol=1e-5)
   with pytest.raises(ValueError, match="still depends on one device.s clients"):
     _mapped(aggregate.from_stream(broken), "sharded", chunk_size=3)
+
+
+def _grad_client(shared, one):
+  """Each client's gradient of 0.5 ||p - x_i||^2 at the shared p: p - x_i."""
+  x, weight = one
+  grad = jax.grad(lambda p: 0.5 * jnp.sum((p["w"] - x) ** 2))(shared)
+  return {"w": grad["w"]}, weight, {"grad": grad["w"]}
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_local_updates_can_run_with_the_check_too(chunk_size):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  weights = jnp.asarray(rng.uniform(1, 2, size=16), jnp.float32)
+  shared = {"w": jnp.array([0.5, -1.0, 2.0])}
+  results = {}
+  for name, backend in (("vmap", VmapBackend()),
+                        ("checked", ShardedBackend(check_local_vma=True))):
+    mapper = backend.make_mapper(_grad_client, aggregate.weighted_mean(), chunk_size)
+    aggregate_, outputs, _ = jax.jit(mapper)(shared, (x, weights), ())
+    results[name] = (aggregate_["w"], outputs["grad"])
+  # The shared params are marked varying first: each client's gradient is its own,
+  # not summed over the eight devices.
+  np.testing.assert_allclose(results["checked"][1], shared["w"] - x, rtol=1e-6)
+  for got, want in zip(results["checked"], results["vmap"]):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_client_scans_from_constants_are_why_the_local_check_is_off_by_default():
+  def counting_client(shared, one):
+    x, weight = one
+    count = jax.lax.scan(lambda c, xi: (c + (xi > 0).astype(jnp.int32), None),
+                         jnp.zeros((), jnp.int32), x)[0]       # a carry from a constant
+    return {"w": x * shared}, weight, {"count": count}
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(16, 3)), jnp.float32)
+  args = (jnp.float32(2.0), (x, jnp.ones(16)), ())
+  counts = jax.jit(ShardedBackend().make_mapper(counting_client, aggregate.weighted_mean()))(
+      *args)[1]["count"]
+  np.testing.assert_array_equal(counts, np.sum(np.asarray(x) > 0, axis=1))
+  checked = ShardedBackend(check_local_vma=True).make_mapper(counting_client,
+                                                             aggregate.weighted_mean())
+  with pytest.raises(TypeError, match="carry input and carry output must have equal types"):
+    jax.jit(checked)(*args)
 
 
 # ------------------------------------------------ loop: errors name the client and stage
