@@ -45,16 +45,19 @@ def make_problem(config):
   return objectives.make(config.problem, seed=config.get("problem_seed", 0), **kwargs)
 
 
-def make_runner(algorithm, problem, clients_per_round: int, backend: str = "vmap",
+def make_runner(algorithm, problem, clients_per_round: int, backend="vmap",
                 safeguard: bool = False):
   """``run(state, arrays, offsets, num_rounds) -> (state, metrics [num_rounds])``.
 
   Every round's metrics hold the round engine's plus ``objective`` (F at the new
   global point), the problem's extra metrics and ``queries`` (the total over all
   clients so far, from their ``'queries'`` counters). ``safeguard`` keeps x_r when F
-  does not decrease (FZooS's code; it evaluates the global objective).
+  does not decrease (FZooS's code; it evaluates the global objective). ``backend``
+  is a ``parallel.Backend`` or its name.
   """
-  from fedjax_lab.algorithm import make_multi_round, make_round
+  from fedjax_lab import parallel
+  from fedjax_lab.algorithm import make_round
+  backend = parallel.get_backend(backend)
   round_fn = make_round(algorithm, problem.data, clients_per_round, backend)
 
   def round_and_evaluate(state, arrays, offsets):
@@ -71,7 +74,7 @@ def make_runner(algorithm, problem, clients_per_round: int, backend: str = "vmap
     metrics["queries"] = jnp.sum(new_state.client_states["queries"])
     return new_state, metrics
 
-  return make_multi_round(round_and_evaluate, backend)
+  return backend.scan_rounds(round_and_evaluate)
 
 
 def run(config, workdir: Optional[str] = None, progress: bool = True):

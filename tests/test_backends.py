@@ -1,5 +1,6 @@
 """Backends as objects: names and objects agree, the varying-axes check catches an
 aggregator that forgets its collective, and the loop backend names what failed."""
+import os
 import re
 
 import jax
@@ -262,3 +263,23 @@ def test_loop_scan_is_lax_scan_run_from_python():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b) or a.shape == b.shape, got, want)
     assert got[1].shape == want[1].shape
   assert LoopBackend().jit(f) is f
+
+
+# ------------------------------------------------ one place decides by backend name
+
+
+def test_nothing_outside_parallel_compares_backend_names():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  name = r"""["'](?:loop|vmap|sharded)["']"""
+  comparison = re.compile(rf"(?:==|!=)\s*{name}|{name}\s*(?:==|!=)|backend\w*\s*(?:==|!=|\bin\b|\bnot in\b)")
+  found = []
+  for top in ("fedjax_lab", "algorithms", "launch"):
+    for folder, _, files in os.walk(os.path.join(root, top)):
+      for file in files:
+        path = os.path.join(folder, file)
+        if not file.endswith(".py") or path.endswith(os.path.join("fedjax_lab", "parallel.py")):
+          continue
+        with open(path) as f:
+          found += [f"{os.path.relpath(path, root)}:{i}: {line.strip()}"
+                    for i, line in enumerate(f, 1) if comparison.search(line)]
+  assert not found, "\n".join(found)
