@@ -101,8 +101,9 @@ def reputation_aggregator(alpha: float = 0.95, beta: float = 1.0 / 3.0,
   """RFFL's aggregation and reputation update as an aggregator.
 
   Messages must carry the client id under ``CLIENT_ID_KEY`` (``rffl`` adds it).
-  The weighted sum crosses devices with ``psum``; only the ids, validity and
-  cosines ``[C]`` are all-gathered for the reputation update.
+  The weighted sum crosses placements with ``collectives.sum``; only the ids,
+  validity and cosines ``[C]`` are gathered (``collectives.gather``) for the
+  reputation update.
 
   Args:
     alpha: reputation momentum.
@@ -121,7 +122,7 @@ def reputation_aggregator(alpha: float = 0.95, beta: float = 1.0 / 3.0,
     # None: rffl(method) sizes the state from the population at init.
     return None if num_clients is None else init_reputation(num_clients)
 
-  def update(messages, weights, state, axis_name=None):
+  def update(messages, weights, state, collectives=None):
     if not isinstance(messages, dict) or CLIENT_ID_KEY not in messages:
       raise ValueError("The RFFL aggregator needs messages tagged with the client id "
                        "(build the method with algorithms.rffl.rffl).")
@@ -138,12 +139,12 @@ def reputation_aggregator(alpha: float = 0.95, beta: float = 1.0 / 3.0,
     mix = jnp.where(jnp.any(state.seen), cohort_reputation(state, ids),
                     weights.astype(jnp.float32))
     mix = jnp.where(valid, mix, 0.0)
-    u, _ = aggregate_lib.weighted_mean().update(messages, mix, (), axis_name)
+    u, _ = aggregate_lib.weighted_mean().update(messages, mix, (), collectives)
     flat, _ = aggregate_lib.ravel_clients(messages)
     u_flat = jax.flatten_util.ravel_pytree(u)[0].astype(jnp.float32)
     cosines = flat @ u_flat / jnp.maximum(
         jnp.linalg.norm(flat, axis=1) * jnp.linalg.norm(u_flat), 1e-12)
-    ids, valid, cosines = aggregate_lib.gather_clients((ids, valid, cosines), axis_name)
+    ids, valid, cosines = aggregate_lib.gather_clients((ids, valid, cosines), collectives)
     return u, update_reputation(state, ids, valid, cosines, alpha, beta)
 
   return Aggregator(init=init, update=update)

@@ -1,7 +1,10 @@
 """Aggregators: stacked client messages ``[C, ...]`` + weights ``[C]`` -> one message.
 
-Each runs inside the mapped region: with ``axis_name`` set, the clients axis is split
-over devices and the partial sums are combined with ``psum``.
+Each runs inside the mapped region on the clients of its placement, and combines the
+placements with the ``Collectives`` the backend hands it (``transforms.Collectives``:
+``sum`` and ``gather`` over clients; the identity on one device, ``psum`` /
+``all_gather`` when the clients are sharded over devices). None of them names a mesh
+axis.
 
 Aggregators that are weighted sums (``weighted_mean``, ``norm_bounded_mean``) also
 carry a ``SumStream``: a chunked client map then adds each chunk's messages to a
@@ -18,18 +21,17 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import hyperparams
-from fedjax_lab.transforms import Aggregator, SumStream
+from fedjax_lab.transforms import Aggregator, Collectives, SumStream, as_collectives
 
 
-def weighted_sum(messages, weights: jax.Array, axis_name: Optional[str] = None):
-  """``(sum_i w_i m_i, sum_i w_i)`` over the (possibly sharded) clients axis."""
+def weighted_sum(messages, weights: jax.Array, collectives: Optional[Collectives] = None):
+  """``(sum_i w_i m_i, sum_i w_i)`` over all the clients (``collectives.sum`` of the
+  placements' partial sums; None: all clients are here)."""
   chex.assert_rank(weights, 1)
   chex.assert_tree_shape_prefix(messages, weights.shape)
   total = jax.tree.map(lambda m: jnp.tensordot(weights.astype(m.dtype), m, axes=1), messages)
   weight = jnp.sum(weights)
-  if axis_name is not None:
-    total, weight = jax.lax.psum((total, weight), axis_name)
-  return total, weight
+  return as_collectives(collectives).sum((total, weight))
 
 
 def message_shapes(messages):
@@ -39,9 +41,9 @@ def message_shapes(messages):
 
 def from_stream(stream: SumStream, init: Callable[[], object] = lambda: ()) -> Aggregator:
   """The aggregator whose ``update`` runs ``stream`` over all the clients in one chunk."""
-  def update(messages, weights, state, axis_name=None):
+  def update(messages, weights, state, collectives=None):
     acc = stream.add(stream.zero(message_shapes(messages)), messages, weights, state)
-    return stream.finish(acc, state, axis_name)
+    return stream.finish(acc, state, collectives)
 
   return Aggregator(init=init, update=update, stream=stream)
 
@@ -71,10 +73,8 @@ def mean_stream(transform: Optional[Callable] = None,
     total, weight = weighted_sum(messages, weights)
     return (jax.tree.map(jnp.add, acc[0], total), acc[1] + weight.astype(acc[1].dtype))
 
-  def finish(acc, state, axis_name=None):
-    total, weight = acc
-    if axis_name is not None:
-      total, weight = jax.lax.psum((total, weight), axis_name)
+  def finish(acc, state, collectives=None):
+    total, weight = as_collectives(collectives).sum(acc)
     mean = jax.tree.map(lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
     return mean, state
 
@@ -93,20 +93,18 @@ def weighted_mean() -> Aggregator:
 # ---------------------------------------------------------------------------
 # Robust aggregators.
 #
-# Each sees the full cohort: with ``axis_name`` set, the per-device slices are
-# concatenated with ``all_gather(tiled=True)`` (in device order, so the stacked
-# cohort is the same as on one device) and every device computes the same
-# statistic. Zero-weight clients (cohort padding, empty clients) never influence
+# Each sees the full cohort: ``collectives.gather`` concatenates the placements'
+# clients in cohort order (on sharded clients, ``all_gather(tiled=True)`` in device
+# order, so the stacked cohort is the same as on one device) and every device computes
+# the same statistic. Zero-weight clients (cohort padding, empty clients) never influence
 # the result. ``weighted=False`` gives every client with a positive weight the
 # same weight 1.
 # ---------------------------------------------------------------------------
 
 
-def gather_clients(tree, axis_name: Optional[str] = None):
-  """The full stacked cohort ``[C, ...]`` on every device (identity on one device)."""
-  if axis_name is None:
-    return tree
-  return jax.lax.all_gather(tree, axis_name, tiled=True)
+def gather_clients(tree, collectives: Optional[Collectives] = None):
+  """The full stacked cohort ``[C, ...]`` on every placement (identity on one device)."""
+  return as_collectives(collectives).gather(tree)
 
 
 def _statistic_weights(weights: jax.Array, weighted: bool) -> jax.Array:
@@ -151,8 +149,8 @@ def coordinate_median(weighted: bool = True) -> Aggregator:
   ``agg_j = median_i m_ij`` for every coordinate ``j`` of every leaf, with weights
   (see ``weighted_quantile_median``).
   """
-  def update(messages, weights, state, axis_name=None):
-    messages, weights = gather_clients((messages, weights), axis_name)
+  def update(messages, weights, state, collectives=None):
+    messages, weights = gather_clients((messages, weights), collectives)
     w = _statistic_weights(weights, weighted)
     return jax.tree.map(lambda m: weighted_quantile_median(m, w), messages), state
 
@@ -189,8 +187,8 @@ def trimmed_mean(beta: float, weighted: bool = True) -> Aggregator:
   hyperparams.check(beta, lambda b: 0.0 <= b < 0.5,
                     f"trimmed_mean needs 0 <= beta < 0.5, got beta={beta}.")
 
-  def update(messages, weights, state, axis_name=None):
-    messages, weights = gather_clients((messages, weights), axis_name)
+  def update(messages, weights, state, collectives=None):
+    messages, weights = gather_clients((messages, weights), collectives)
     w = _statistic_weights(weights, weighted)
     total = jnp.sum(w)
     trim = beta * total if weighted else jnp.floor(beta * total)
@@ -252,8 +250,8 @@ def multi_krum(num_selected: Optional[int] = None, num_byzantine: Optional[int] 
   hyperparams.check(byzantine_fraction, lambda f: 0.0 <= f < 1.0,
                     f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}.")
 
-  def update(messages, weights, state, axis_name=None):
-    messages, weights = gather_clients((messages, weights), axis_name)
+  def update(messages, weights, state, collectives=None):
+    messages, weights = gather_clients((messages, weights), collectives)
     flat, _ = ravel_clients(messages)
     valid = weights > 0
     f = _num_byzantine(valid, num_byzantine, byzantine_fraction)
@@ -263,8 +261,9 @@ def multi_krum(num_selected: Optional[int] = None, num_byzantine: Optional[int] 
     rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
     selected = valid & (rank < m)
     w = jnp.where(selected, _statistic_weights(weights, weighted), 0.0)
-    # A selected client of weight 0 cannot happen (valid means weight > 0).
-    return weighted_mean().update(messages, w, state, None)
+    # A selected client of weight 0 cannot happen (valid means weight > 0). The
+    # messages are the gathered cohort: the mean is local.
+    return weighted_mean().update(messages, w, state)
 
   return Aggregator(init=lambda: (), update=update)
 
@@ -305,8 +304,8 @@ def geometric_median(iterations: int = 10, nu: float = 1e-6, weighted: bool = Tr
   if iterations < 1:
     raise ValueError(f"geometric_median needs iterations >= 1, got {iterations}.")
 
-  def update(messages, weights, state, axis_name=None):
-    messages, weights = gather_clients((messages, weights), axis_name)
+  def update(messages, weights, state, collectives=None):
+    messages, weights = gather_clients((messages, weights), collectives)
     flat, unravel = ravel_clients(messages)
     z = weiszfeld(flat, _statistic_weights(weights, weighted), iterations, nu)
     return unravel(z), state
@@ -330,7 +329,7 @@ def norm_bounded_mean(max_norm: float, weighted: bool = True) -> Aggregator:
 
   Norm bounding (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated
   Learning?", 2019): ``sum_i w_i m_i min(1, M / ||m_i||) / sum_i w_i``. Only sums
-  cross devices (``psum``), no all-gather. Streams (clipping is per client).
+  cross placements (``collectives.sum``), no gather. Streams (clipping is per client).
   ``max_norm`` is a number or a scalar array.
   """
   hyperparams.check(max_norm, lambda m: m > 0,

@@ -254,7 +254,7 @@ def pad_cohort(ids: jax.Array, padded: int, num_clients: int) -> jax.Array:
 
 
 def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
-                     backend: str, mesh, chunk_size: Optional[int] = None) -> Callable:
+                     backend: parallel.Backend, chunk_size: Optional[int] = None) -> Callable:
   """``body(state, ids, client_key, arrays, offsets, read_rows, write_rows)``.
 
   The round after sampling. ``read_rows(state, ids)`` gives the cohort's client
@@ -262,7 +262,6 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
   a scatter on ``state.client_states`` on device, or rows passed in and returned
   when the table lives elsewhere. Returns ``(state, new_rows, metrics)``.
   """
-  parallel.validate_backend(backend)
   num_clients = data.num_clients
   sampling.validate_cohort(num_clients, clients_per_round)
   max_examples = int(data.max_client_size)
@@ -271,7 +270,7 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
   def client_fn(message_down, one_client):
     return algorithm.client_update(message_down, one_client, max_examples)
 
-  mapper = parallel.make_mapper(client_fn, algorithm.aggregator, backend, mesh, chunk_size)
+  mapper = backend.make_mapper(client_fn, algorithm.aggregator, chunk_size)
 
   def body(state: ServerState, ids, client_key, arrays, offsets, read_rows, write_rows):
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
@@ -280,7 +279,7 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
     message_down = algorithm.broadcast(state)
     aggregate, outputs, agg_state = mapper(
-        message_down, (client_states, cohort, sizes, keys), state.agg_state)
+        message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
     state = algorithm.finish_round(state._replace(agg_state=agg_state), aggregate,
                                    cohort_fraction)
     new_rows = outputs["client_state"]
@@ -300,8 +299,8 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
 
 
 def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
-                    backend: str = "vmap", mesh=None, chunk_size: Optional[int] = None
-                    ) -> Callable:
+                    backend: parallel.BackendLike = "vmap", mesh=None,
+                    chunk_size: Optional[int] = None) -> Callable:
   """Builds ``core(state, ids, client_rows, arrays, offsets) -> (state, new_rows, metrics)``.
 
   The round for a cohort chosen outside it, with the cohort's client states passed
@@ -309,10 +308,13 @@ def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_
   is left as it is: ``()`` when the table lives on the host, so hooks that read it,
   ``server_update`` and ``round_metrics``, see ``()`` there). Pure; jit it.
 
-  Args:
+  ``backend`` is a ``parallel.Backend`` or its name (``mesh`` then goes with
+  ``'sharded'``).
+
+  Args (of ``core``):
     state: server state of round ``state.round``.
     ids: int32 ``[P]``, the round's cohort (``sample_cohort``) followed by
-      ``P - C`` padding ids equal to ``num_clients`` (``parallel.padded_cohort_size``).
+      ``P - C`` padding ids equal to ``num_clients`` (``backend.padded_cohort_size``).
     client_rows: the cohort's client states, leaves ``[P, ...]`` (zeros for padding).
     arrays, offsets: ``data.device_arrays()`` (or a streamed cohort in the packed layout).
 
@@ -321,7 +323,8 @@ def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_
     padding ids are to be dropped. With the same ids and rows, the numbers are those
     of ``make_round``.
   """
-  body = _make_round_body(algorithm, data, clients_per_round, backend, mesh, chunk_size)
+  body = _make_round_body(algorithm, data, clients_per_round,
+                          parallel.get_backend(backend, mesh), chunk_size)
 
   def core(state: ServerState, ids, client_rows, arrays, offsets):
     return body(state, ids, client_key_of_round(state), arrays, offsets,
@@ -331,8 +334,12 @@ def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_
 
 
 def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
-               backend: str = "vmap", mesh=None, chunk_size: Optional[int] = None) -> Callable:
+               backend: parallel.BackendLike = "vmap", mesh=None,
+               chunk_size: Optional[int] = None) -> Callable:
   """Builds ``round_fn(state, arrays, offsets) -> (state, metrics)``, pure.
+
+  ``backend`` is a ``parallel.Backend`` (``LoopBackend()``, ``VmapBackend()``,
+  ``ShardedBackend(mesh)``) or its name; ``mesh`` goes with the name ``'sharded'``.
 
   ``chunk_size`` vectorises that many clients at a time (``parallel.make_mapper``):
   less memory for large cohorts, and on CPU faster from about 1,000 clients up.
@@ -342,9 +349,10 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
   table ``state.client_states [N, ...]`` stays on the device: the cohort's rows are
   gathered, run through the round (``make_round_core``) and scattered back.
   """
-  body = _make_round_body(algorithm, data, clients_per_round, backend, mesh, chunk_size)
+  backend = parallel.get_backend(backend, mesh)
+  body = _make_round_body(algorithm, data, clients_per_round, backend, chunk_size)
   num_clients = data.num_clients
-  padded = parallel.padded_cohort_size(clients_per_round, backend, mesh)
+  padded = backend.padded_cohort_size(clients_per_round)
 
   def read_rows(state, ids):
     return _gather_rows(state.client_states, ids)
@@ -361,11 +369,13 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
   return round_fn
 
 
-def make_multi_round(round_fn: Callable, backend: str, donate_state: bool = False) -> Callable:
+def make_multi_round(round_fn: Callable, backend: parallel.BackendLike,
+                     donate_state: bool = False) -> Callable:
   """``run(state, arrays, offsets, num_rounds) -> (state, metrics [num_rounds])``.
 
-  For ``vmap``/``sharded`` the rounds run inside one jitted ``lax.scan``
-  (``num_rounds`` is static: one compilation per distinct length). The ``loop``
+  ``parallel.get_backend(backend).scan_rounds(round_fn, donate_state)``: on compiled
+  backends (``vmap``, ``sharded``) the rounds run inside one jitted ``lax.scan``
+  (``num_rounds`` is static: one compilation per distinct length); the ``loop``
   backend runs them from Python.
 
   ``donate_state=True`` donates the input state's buffers to the output: the
@@ -373,17 +383,4 @@ def make_multi_round(round_fn: Callable, backend: str, donate_state: bool = Fals
   (SCAFFOLD with 10,000 digits-MLP clients: about 45x faster per round at one round
   per call), and the state passed in must not be used afterwards.
   """
-  if backend == "loop":
-    def run_loop(state, arrays, offsets, num_rounds):
-      history = []
-      for _ in range(num_rounds):
-        state, metrics = round_fn(state, arrays, offsets)
-        history.append(metrics)
-      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
-    return run_loop
-
-  def run(state, arrays, offsets, num_rounds):
-    return jax.lax.scan(lambda s, _: round_fn(s, arrays, offsets), state, None,
-                        length=num_rounds)
-
-  return jax.jit(run, static_argnums=3, donate_argnums=(0,) if donate_state else ())
+  return parallel.get_backend(backend).scan_rounds(round_fn, donate_state)

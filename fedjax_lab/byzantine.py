@@ -45,7 +45,7 @@ import numpy as np
 
 from fedjax_lab import hyperparams
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
-from fedjax_lab.transforms import Aggregator, GradientOracle
+from fedjax_lab.transforms import Aggregator, GradientOracle, as_collectives
 
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "free_rider", "free_rider_noise",
            "label_flip", "alie")
@@ -222,10 +222,10 @@ def alie_aggregator(inner: Aggregator, z: Optional[float] = None) -> Aggregator:
   ``mu`` and ``sigma`` are the coordinate-wise mean and standard deviation of the
   honest updates of every valid client (malicious ones compute theirs honestly
   first), so all malicious clients send the same crafted message. ``z`` None uses
-  ``alie_z(n, f)`` for the round's valid and malicious counts. Sums cross devices
-  with ``psum``.
+  ``alie_z(n, f)`` for the round's valid and malicious counts. Sums cross placements
+  with ``collectives.sum``.
   """
-  def update(messages, weights, state, axis_name=None):
+  def update(messages, weights, state, collectives=None):
     if not isinstance(messages, dict) or MALICIOUS_KEY not in messages:
       raise ValueError("alie_aggregator needs messages tagged by with_attack(kind='alie').")
     messages = dict(messages)
@@ -233,8 +233,7 @@ def alie_aggregator(inner: Aggregator, z: Optional[float] = None) -> Aggregator:
     valid = (weights > 0).astype(jnp.float32)
     bad = valid * flag.astype(jnp.float32)
 
-    def total(x):
-      return x if axis_name is None else jax.lax.psum(x, axis_name)
+    total = as_collectives(collectives).sum
 
     count = jnp.maximum(total(jnp.sum(valid)), 1.0)
     expand = lambda v, x: v.reshape(v.shape + (1,) * (x.ndim - 1))
@@ -247,7 +246,7 @@ def alie_aggregator(inner: Aggregator, z: Optional[float] = None) -> Aggregator:
     messages = jax.tree.map(
         lambda x, c: jnp.where(expand(bad, x) > 0, c[None].astype(x.dtype), x) if _is_float(x) else x,
         messages, crafted)
-    return inner.update(messages, weights, state, axis_name)
+    return inner.update(messages, weights, state, collectives)
 
   return Aggregator(init=inner.init, update=update)
 

@@ -124,35 +124,36 @@ def evaluate_all(evaluate, params, stream: TaskStream) -> np.ndarray:
 
 # ------------------------------------------------- task-boundary statistics over clients
 
-def make_client_statistic(client_fn: Callable, aggregator: Aggregator, backend: str = "vmap"
-                          ) -> Callable:
+def make_client_statistic(client_fn: Callable, aggregator: Aggregator,
+                          backend: parallel.BackendLike = "vmap") -> Callable:
   """A federated statistic computed once at a task boundary (not a training round).
 
   Args:
     client_fn: ``(shared, (data, size, rng)) -> (message, weight, outputs)`` for one
       client, ``data`` its arrays padded to ``[max_examples, ...]``.
     aggregator: reduces the messages (e.g. a secure sum, a weighted mean).
-    backend: ``loop``/``vmap``/``sharded`` (parallel.py).
+    backend: a ``parallel.Backend`` or its name (``loop``/``vmap``/``sharded``).
 
   Returns:
-    ``stat(shared, arrays, offsets, ids, rng, max_examples) -> aggregate``; jitted
-    (``max_examples`` static) except for the loop backend.
+    ``stat(shared, arrays, offsets, ids, rng, max_examples) -> aggregate``;
+    ``backend.jit``-ed (``max_examples`` static): jitted except on the loop backend.
   """
-  mapper = parallel.make_mapper(client_fn, aggregator, backend)
+  backend = parallel.get_backend(backend)
+  mapper = backend.make_mapper(client_fn, aggregator)
 
   def run(shared, arrays, offsets, ids, rng, max_examples):
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
-    result, _, _ = mapper(shared, (cohort, sizes, keys), aggregator.init())
+    result, _, _ = mapper(shared, (cohort, sizes, keys), aggregator.init(), client_ids=ids)
     return result
 
-  return run if backend == "loop" else jax.jit(run, static_argnums=5)
+  return backend.jit(run, static_argnums=5)
 
 
 def run_client_statistic(stat: Callable, shared, data: FederatedData, rng, clients: int = 0,
-                         samples: int = 0, backend: str = "vmap"):
+                         samples: int = 0, backend: parallel.BackendLike = "vmap"):
   """Runs ``stat`` over ``clients`` clients drawn from ``data`` (0: all), each using its
-  first ``samples`` examples (0: all).
+  first ``samples`` examples (0: all). ``backend`` is ``stat``'s (it pads the cohort).
 
   Each client's data is padded to a power of two (rows masked), so the tasks of a
   stream mostly share one compilation of ``stat``.
@@ -164,7 +165,7 @@ def run_client_statistic(stat: Callable, shared, data: FederatedData, rng, clien
     ids = np.sort(np.random.default_rng(np.asarray(rng)).choice(n, clients, replace=False))
   else:
     ids = np.arange(n)
-  padded = parallel.padded_cohort_size(len(ids), backend)
+  padded = parallel.get_backend(backend).padded_cohort_size(len(ids))
   ids = np.concatenate([ids, np.full(padded - len(ids), n)]).astype(np.int32)
   # Padded to a power of two so tasks with slightly different client sizes share one
   # compiled program; the padding rows are masked.
@@ -187,7 +188,7 @@ class StreamOptions:
   Attributes:
     rounds_per_task: federated rounds on each task.
     clients_per_round: cohort size.
-    backend: ``loop``/``vmap``/``sharded``.
+    backend: a ``parallel.Backend`` or its name (``loop``/``vmap``/``sharded``).
     seed: run seed (cohorts, client shuffles, task-end randomness).
     eval_every: evaluate all tasks every this many rounds inside a task (0: only at
       task ends); gives accuracy-per-task curves.
@@ -197,7 +198,7 @@ class StreamOptions:
   """
   rounds_per_task: int
   clients_per_round: int
-  backend: str = "vmap"
+  backend: parallel.BackendLike = "vmap"
   seed: int = 0
   eval_every: int = 0
   rounds_per_call: int = 10
@@ -216,7 +217,8 @@ class StreamResult(NamedTuple):
       ``test_accuracy`` per task).
     task_info: per task, what the task-end hook reported (basis sizes, ...).
     traces: how many times the round was traced (compiled) during this run (0 when
-      an earlier run of the same method compiled it); None on the loop backend.
+      an earlier run of the same method compiled it); None on a backend that does
+      not compile rounds (loop).
   """
   state: ServerState
   acc: np.ndarray
@@ -351,7 +353,7 @@ def run_stream(algorithm: FederatedAlgorithm, stream: TaskStream, init_params, e
   loop = training.run_loop(algorithm, init_params, template, opts=train_opts, actions=(action,))
   acc = np.asarray(action.acc_rows, np.float64)
   return StreamResult(loop.state, acc, continual_metrics(acc), loop.history, action.task_info,
-                      None if opts.backend == "loop" else loop.traces)
+                      loop.traces if parallel.get_backend(opts.backend).compiled else None)
 
 
 def _resume_rows(side_path: str, resumed_round: int, rounds_per_task: int) -> dict:

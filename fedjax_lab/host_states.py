@@ -200,8 +200,8 @@ def _make_sampler(num_clients: int, clients_per_round: int, padded: int) -> Call
 
 
 def make_host_state_round(algorithm: FederatedAlgorithm, data: FederatedData,
-                          clients_per_round: int, backend: str = "vmap", mesh=None,
-                          chunk_size: Optional[int] = None) -> Callable:
+                          clients_per_round: int, backend: parallel.BackendLike = "vmap",
+                          mesh=None, chunk_size: Optional[int] = None) -> Callable:
   """Builds ``round_fn(state, table, arrays, offsets) -> (state, metrics)``.
 
   Args (of ``round_fn``):
@@ -211,15 +211,14 @@ def make_host_state_round(algorithm: FederatedAlgorithm, data: FederatedData,
     arrays, offsets: ``data.device_arrays()``.
 
   The cohort, the client keys and every number equal ``algorithm.make_round``'s on
-  the same state (with the table on device). One jitted call per round (the
-  ``loop`` backend runs unjitted, as its device round does).
+  the same state (with the table on device). One call of ``backend.jit(core)`` per
+  round (jitted, except on the ``loop`` backend, as its device round).
   """
+  backend = parallel.get_backend(backend, mesh)
   num_clients = data.num_clients
-  padded = parallel.padded_cohort_size(clients_per_round, backend, mesh)
-  core = algorithm_lib.make_round_core(algorithm, data, clients_per_round, backend, mesh,
-                                        chunk_size)
-  if backend != "loop":
-    core = jax.jit(core)
+  padded = backend.padded_cohort_size(clients_per_round)
+  core = backend.jit(algorithm_lib.make_round_core(algorithm, data, clients_per_round, backend,
+                                                   chunk_size=chunk_size))
   sample = _make_sampler(num_clients, clients_per_round, padded)
 
   def round_fn(state: ServerState, table: PyTree, arrays, offsets):
@@ -263,8 +262,8 @@ class RowUpdate(NamedTuple):
 
 
 def make_host_state_multi_round(algorithm: FederatedAlgorithm, data: FederatedData,
-                                clients_per_round: int, backend: str = "vmap", mesh=None,
-                                chunk_size: Optional[int] = None
+                                clients_per_round: int, backend: parallel.BackendLike = "vmap",
+                                mesh=None, chunk_size: Optional[int] = None
                                 ) -> Callable:
   """``run(state, table, arrays, offsets, num_rounds) -> (state, metrics [num_rounds])``.
 
@@ -272,17 +271,19 @@ def make_host_state_multi_round(algorithm: FederatedAlgorithm, data: FederatedDa
   ``num_rounds``): the union of their cohorts is gathered into a ``[K * P, ...]``
   table, the rounds scan over it on device, and it is written back to ``table``.
   Same numbers as ``make_multi_round(make_round(...))`` with the table on device.
-  The ``loop`` backend runs the rounds from Python, unjitted, on the same small table.
+  The rounds are ``backend.scan`` inside ``backend.jit``: on the ``loop`` backend they
+  run from Python, unjitted, on the same small table.
 
   ``run.deferred(state, table, arrays, offsets, num_rounds) -> (state, metrics,
   update)`` leaves ``table`` untouched and returns the rows as a ``RowUpdate``
   (``update.write(table)`` stores them): a caller can look at the metrics first and
   drop the update, keeping the table of the last good round.
   """
+  backend = parallel.get_backend(backend, mesh)
   num_clients = data.num_clients
-  padded = parallel.padded_cohort_size(clients_per_round, backend, mesh)
-  core = algorithm_lib.make_round_core(algorithm, data, clients_per_round, backend, mesh,
-                                        chunk_size)
+  padded = backend.padded_cohort_size(clients_per_round)
+  core = algorithm_lib.make_round_core(algorithm, data, clients_per_round, backend,
+                                        chunk_size=chunk_size)
   sample = _make_sampler(num_clients, clients_per_round, padded)
 
   def scan_rounds(state, ids, local_ids, local_table, arrays, offsets):
@@ -292,17 +293,10 @@ def make_host_state_multi_round(algorithm: FederatedAlgorithm, data: FederatedDa
       rows = algorithm_lib._gather_rows(local_table, local)
       state, new_rows, metrics = core(state, ids, rows, arrays, offsets)
       return (state, algorithm_lib._scatter_rows(local_table, local, new_rows)), metrics
-    if backend == "loop":   # unjitted, as the device loop round
-      carry, history = (state, jax.tree.map(jnp.asarray, local_table)), []
-      for k in range(ids.shape[0]):
-        carry, metrics = step(carry, (jnp.asarray(ids[k]), jnp.asarray(local_ids[k])))
-        history.append(metrics)
-      return carry + (jax.tree.map(lambda *xs: jnp.stack(xs), *history),)
-    (state, local_table), metrics = jax.lax.scan(step, (state, local_table), (ids, local_ids))
+    (state, local_table), metrics = backend.scan(step, (state, local_table), (ids, local_ids))
     return state, local_table, metrics
 
-  if backend != "loop":
-    scan_rounds = jax.jit(scan_rounds)
+  scan_rounds = backend.jit(scan_rounds)
 
   def deferred(state: ServerState, table: PyTree, arrays, offsets, num_rounds: int):
     _check(state, table, num_clients, algorithm)

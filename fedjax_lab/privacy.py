@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from fedjax_lab import aggregate as aggregate_lib
 from fedjax_lab import hyperparams
-from fedjax_lab.transforms import Aggregator, SumStream
+from fedjax_lab.transforms import Aggregator, SumStream, as_collectives
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "without_replacement")
@@ -151,10 +151,8 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     return (jax.tree.map(jnp.add, acc[0], total),
             acc[1] + jnp.sum(unit * (norms <= state.clip)))
 
-  def finish(acc, state, axis_name=None):
-    total, unclipped = acc
-    if axis_name is not None:
-      total, unclipped = jax.lax.psum((total, unclipped), axis_name)
+  def finish(acc, state, collectives=None):
+    total, unclipped = as_collectives(collectives).sum(acc)
     key, noise_key, count_key = jax.random.split(state.key, 3)
     z_update = update_z(state.noise_multiplier)
     leaves, treedef = jax.tree.flatten(total)

@@ -26,6 +26,7 @@ from fedjax_lab import checkpoint as checkpoint_lib
 from fedjax_lab import distributed
 from fedjax_lab import host_states
 from fedjax_lab import metrics as metrics_lib
+from fedjax_lab import parallel
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.data.federated import FederatedData
 
@@ -46,7 +47,7 @@ class TrainOptions:
   """
   rounds: int
   clients_per_round: int
-  backend: str = "vmap"
+  backend: parallel.BackendLike = "vmap"   # a name or a parallel.Backend object
   chunk_size: Optional[int] = None  # clients vectorised at once (None: the whole cohort)
   # Update the state (the client-state table above all) in place instead of copying it
   # every call. The state before a non-finite round is then gone: the last checkpoint
@@ -192,7 +193,7 @@ def _compiled_rounds(algorithm: FederatedAlgorithm, data: FederatedData, opts: T
     traces[0] += 1          # runs only while tracing under jit
     return round_fn(state, arrays, offsets)
 
-  entry = (algorithm_lib.make_multi_round(counted_round, opts.backend, opts.donate_state),
+  entry = (parallel.get_backend(opts.backend).scan_rounds(counted_round, opts.donate_state),
            traces)
   if key is not None:
     if len(_ROUNDS_CACHE) >= _ROUNDS_CACHE_SIZE:
@@ -255,6 +256,7 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   if host and round_wrapper is not None:
     raise ValueError("round_wrapper needs client_states='device' (a host table's rounds "
                      "move rows in and out of the round).")
+  backend = parallel.get_backend(opts.backend)
   arrays, offsets = data.device_arrays() if hasattr(data, "device_arrays") else (None, None)
   rng = jax.random.PRNGKey(opts.seed)
   traces = [0]
@@ -262,7 +264,7 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
     # run_rounds(state, table, ...) -> (state, metrics, rows): the table is untouched
     # until the rows are written, after the finite check.
     run_rounds = host_states.make_host_state_multi_round(
-        algorithm, data, opts.clients_per_round, opts.backend,
+        algorithm, data, opts.clients_per_round, backend,
         chunk_size=opts.chunk_size).deferred
     state, table = host_states.init_host_state(algorithm, init_params, rng, data.num_clients,
                                                opts.client_state_dir)
@@ -283,16 +285,16 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
       else:
         state = checkpointer.restore(state)
   lead = distributed.is_lead_process()
-  if opts.backend == "sharded" and jax.process_count() > 1:
-    # Global arrays replicated over every process's devices (a restore lands on one
-    # local device, which a multi-process jit refuses).
-    state, arrays, offsets = distributed.replicate((state, arrays, offsets))
-    distributed.check_same_on_all_processes((state, arrays, offsets), "initial state and data")
+  # With several processes (sharded): global arrays replicated over every process's
+  # devices (a restore lands on one local device, which a multi-process jit refuses),
+  # checked equal on all of them. Identity otherwise.
+  state, arrays, offsets = backend.replicate_for_processes((state, arrays, offsets),
+                                                           "initial state and data")
   if opts.workdir and lead:   # checkpoints are collective; metrics are written once
     writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed_from)
 
   donate = opts.donate_state and not host
-  if donate and opts.backend != "loop":
+  if donate and backend.compiled:
     state = jax.tree.map(jnp.copy, state)   # donation must not consume the caller's params
   current = int(state.round)
   bar = tqdm.tqdm(total=opts.rounds, initial=min(current, opts.rounds), disable=not (opts.progress and lead),

@@ -10,9 +10,11 @@ A federated algorithm composes four pieces:
   (``global_params`` always, plus whatever a method broadcasts, e.g. SCAFFOLD's
   ``control``); optax's ``chain`` forwards them to the transforms that take them.
 * ``Aggregator``: stacked client messages ``[C, ...]`` and weights ``[C]`` -> one
-  message. It receives ``axis_name`` when the clients are sharded over devices, and
-  must then reduce across that axis itself (``psum`` / ``all_gather``). Weighted
-  sums also come as a ``SumStream``, which a chunked client map accumulates.
+  message. It does not know where the clients are placed: the backend hands it
+  ``Collectives`` (``sum`` and ``gather`` over clients), which are the identity on one
+  device and ``psum`` / ``all_gather`` over the clients' devices when they are
+  sharded. Weighted sums also come as a ``SumStream``, which a chunked client map
+  accumulates.
 * server transform: any optax transform, applied to the pseudo-gradient
   ``-aggregated_delta``; ``optax.sgd(1.0)`` is FedAvg's server.
 
@@ -38,6 +40,46 @@ class GradientOracle(NamedTuple):
   update: Callable[[Params, Batch, PRNGKey, PyTree], tuple[Params, dict, PyTree]]
 
 
+class Collectives(NamedTuple):
+  """Reductions over the clients of a cohort, wherever the backend placed them.
+
+  An aggregator sees the clients of its placement (all of them on one device, one
+  device's share when they are sharded); these combine the placements, so the same
+  aggregator runs on every backend (DrJAX's ``reduce_sum``, FedJAX's ``for_each_client``
+  aggregation).
+
+  sum: ``tree -> tree``, each leaf summed over the placements (a partial sum in, the
+    total out); identity on one device, ``psum`` over the clients' devices.
+  gather: ``tree [K, ...] -> tree [C, ...]``, the placements' stacked clients
+    concatenated in cohort order, the same on every placement; identity on one
+    device, ``all_gather(tiled=True)`` over the clients' devices.
+
+  On the ``sharded`` backend the varying-axes check is on: an aggregate that still
+  depends on one device's clients (a partial sum that never went through ``sum``)
+  cannot leave the mapped region and fails when the round is traced.
+  """
+  sum: Callable[[PyTree], PyTree]
+  gather: Callable[[PyTree], PyTree]
+
+
+def _identity(tree):
+  return tree
+
+
+# All clients in one place (the ``vmap`` and ``loop`` backends, or a test).
+LOCAL_COLLECTIVES = Collectives(sum=_identity, gather=_identity)
+
+
+def as_collectives(collectives: Optional[Collectives]) -> Collectives:
+  """``collectives``, or ``LOCAL_COLLECTIVES`` for None (an aggregator called directly)."""
+  if collectives is None:
+    return LOCAL_COLLECTIVES
+  if not isinstance(collectives, Collectives):
+    raise TypeError(f"Aggregators take transforms.Collectives (from the backend) or None, "
+                    f"got {collectives!r}; they no longer take a mesh axis name.")
+  return collectives
+
+
 class SumStream(NamedTuple):
   """An aggregation that is a sum over clients, computed a chunk of clients at a time.
 
@@ -46,25 +88,26 @@ class SumStream(NamedTuple):
   add: ``(acc, messages [K, ...], weights [K], state) -> acc`` for a chunk of ``K``
     clients; ``acc`` keeps its shapes and dtypes. A client of weight 0 must add
     nothing (padding, and clients a chunk recomputes, are passed with weight 0).
-  finish: ``(acc, state, axis_name) -> (aggregate, state)``; with ``axis_name`` set it
-    sums ``acc`` over the devices first (``psum``), then e.g. divides by the total
-    weight.
+  finish: ``(acc, state, collectives) -> (aggregate, state)``: sums ``acc`` over the
+    placements first (``collectives.sum``), then e.g. divides by the total weight.
+    ``collectives`` None means all clients are here (``LOCAL_COLLECTIVES``).
 
-  ``finish(add(zero(shapes), messages, weights, state), state, axis_name)`` must be
+  ``finish(add(zero(shapes), messages, weights, state), state, collectives)`` must be
   the aggregator's ``update``, up to the order of the floating-point sums.
   """
   zero: Callable[[PyTree], PyTree]
   add: Callable[[PyTree, PyTree, jax.Array, PyTree], PyTree]
-  finish: Callable[[PyTree, PyTree, Optional[str]], tuple[PyTree, PyTree]]
+  finish: Callable[[PyTree, PyTree, Optional[Collectives]], tuple[PyTree, PyTree]]
 
 
 class Aggregator(NamedTuple):
   """Reduces stacked client messages to one.
 
   init: ``() -> state``.
-  update: ``(messages [C, ...], weights [C], state, axis_name) -> (aggregate, state)``.
-    ``axis_name`` is None on one device; otherwise the clients axis is sharded over
-    devices and the reduction must include a collective over it.
+  update: ``(messages [K, ...], weights [K], state, collectives) -> (aggregate, state)``
+    for the ``K`` clients of this placement (the whole cohort on one device);
+    the reduction goes through ``collectives`` (``Collectives``: ``sum`` for sums,
+    ``gather`` for statistics of the whole cohort), None meaning all clients are here.
   stream: the same aggregation as a running sum (``SumStream``), or None when it
     needs all messages at once (median, Krum, ...). With it, a chunked client map
     (``parallel.make_mapper(chunk_size=...)``) adds each chunk's messages to an
@@ -73,7 +116,7 @@ class Aggregator(NamedTuple):
     ``_replace(update=...)``, which would keep a stream that bypasses it.
   """
   init: Callable[[], PyTree]
-  update: Callable[[PyTree, jax.Array, PyTree, Optional[str]], tuple[PyTree, PyTree]]
+  update: Callable[[PyTree, jax.Array, PyTree, Optional[Collectives]], tuple[PyTree, PyTree]]
   stream: Optional[SumStream] = None
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from algorithms.fedavg import fedavg
-from fedjax_lab import models
+from fedjax_lab import models, parallel
 from fedjax_lab.algorithm import make_multi_round, make_round
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import gather_cohort
@@ -106,7 +106,11 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
          "local_steps": steps, "examples_per_round": None}
   results = {}
 
-  def ours(backend, rounds_per_call, chunk_size=None):
+  def ours(backend_name, rounds_per_call, chunk_size=None, memory_reference=False):
+    """Times one of our systems. ``memory_reference``: its compiled temporaries are the
+    row's ``temp_mb`` (the plain vmap round); otherwise the first system measured
+    gives it where that one is not timed."""
+    backend = parallel.get_backend(backend_name)
     run = make_multi_round(make_round(method, data, clients_per_round, backend,
                                       chunk_size=chunk_size), backend)
     state = [method.init(params, jax.random.PRNGKey(1), data.num_clients)]
@@ -117,17 +121,14 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
     first, steady = _time(call, repeats)
     examples = float(np.mean(np.asarray(call()[1]["cohort_examples"])))
     row["examples_per_round"] = examples
-    if backend != "loop":   # compiled peak temporaries (XLA's own accounting)
+    if backend.compiled:   # compiled peak temporaries (XLA's own accounting)
       memory = run.lower(state[0], arrays, offsets, rounds_per_call).compile().memory_analysis()
-      if memory is not None:
-        # The plain vmap round's figure, or the first one measured where it is not timed.
-        plain_vmap = backend == "vmap" and rounds_per_call == 1 and not chunk_size
-        if plain_vmap or "temp_mb" not in row:
-          row["temp_mb"] = memory.temp_size_in_bytes / 2**20
+      if memory is not None and (memory_reference or "temp_mb" not in row):
+        row["temp_mb"] = memory.temp_size_in_bytes / 2**20
     return first - steady, steady / rounds_per_call
 
   if "vmap" in systems:
-    results["ours_vmap"] = ours("vmap", 1)
+    results["ours_vmap"] = ours("vmap", 1, memory_reference=True)
   if "vmap_rpc10" in systems:
     results["ours_vmap_rpc10"] = ours("vmap", 10)
   if "vmap_rpc10_chunk64" in systems and clients_per_round > 64:

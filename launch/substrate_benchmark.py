@@ -28,7 +28,6 @@ compile seconds and the compiled program's temporary bytes
 then checks that the DrJAX round gives the same parameters as ours (vmap, and sharded
 over 8 devices). The last line is a JSON summary with the ratios.
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -73,8 +72,8 @@ def drjax_status():
   return drjax, drjax.__version__
 
 
-def drjax_mapper_factory(drjax, cohort_size, mesh, primitives_only=True):
-  """A ``parallel.make_mapper`` stand-in whose client map is written with DrJAX.
+class DrJaxBackend(parallel.VmapBackend):
+  """A backend whose client map is written with DrJAX (``make_round`` is otherwise ours).
 
   Only weighted-mean aggregation (FedAvg's). With ``primitives_only`` everything is
   DrJAX's: the server message is placed per client with ``drjax.broadcast``, and the
@@ -83,15 +82,26 @@ def drjax_mapper_factory(drjax, cohort_size, mesh, primitives_only=True):
   mesh. Otherwise ``drjax.map_fn`` closes over the server message and the aggregator
   given (ours) reduces the messages.
   """
-  def factory(client_fn, aggregator, backend, mesh_arg=None, chunk_size=None, **unused):
-    del backend, mesh_arg, chunk_size, unused
+  name = "drjax"
 
-    @drjax.program(placements={parallel.CLIENTS_AXIS: cohort_size})
-    def mapper(shared, per_client, agg_state):
-      if not primitives_only:
+  def __init__(self, drjax, cohort_size, mesh, primitives_only=True):
+    self.drjax, self.cohort_size, self.mesh = drjax, cohort_size, mesh
+    self.primitives_only = primitives_only
+
+  def _key(self):
+    return (self.cohort_size, self.mesh, self.primitives_only)
+
+  def make_mapper(self, client_fn, aggregator, chunk_size=None):
+    del chunk_size
+    drjax, mesh = self.drjax, self.mesh
+
+    @drjax.program(placements={parallel.CLIENTS_AXIS: self.cohort_size})
+    def program(shared, per_client, agg_state):
+      if not self.primitives_only:
         messages, weights, outputs = drjax.map_fn(
             lambda *one: client_fn(shared, one), per_client, mesh=mesh)
-        aggregate, agg_state = aggregator.update(messages, weights, agg_state, None)
+        aggregate, agg_state = aggregator.update(messages, weights, agg_state,
+                                                 self.collectives)
         return aggregate, outputs, agg_state
       placed = drjax.broadcast(shared, mesh=mesh)
       messages, weights, outputs = drjax.map_fn(client_fn, (placed, per_client), mesh=mesh)
@@ -101,30 +111,24 @@ def drjax_mapper_factory(drjax, cohort_size, mesh, primitives_only=True):
       total, weight = drjax.reduce_sum(weighted), drjax.reduce_sum(weights)
       aggregate = jax.tree.map(lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
       return aggregate, outputs, agg_state
+
+    def mapper(shared, per_client, agg_state, client_ids=None):
+      del client_ids
+      return program(shared, per_client, agg_state)
     return mapper
-  return factory
 
 
-@contextlib.contextmanager
-def mapper_override(factory):
-  """Builds rounds whose mapper comes from ``factory`` (the round is otherwise ours)."""
-  original = parallel.make_mapper
-  parallel.make_mapper = factory
-  try:
-    yield
-  finally:
-    parallel.make_mapper = original
+# system -> the backend it runs on (drjax / drjax_map: DrJaxBackend, built with the module).
+BACKEND_OF_SYSTEM = {"vmap": "vmap", "vmap_stacked": "vmap", "sharded": "sharded"}
 
 
 def build_round(method, data, cohort, system, chunk_size=None, mesh=None, drjax=None):
   if system in ("drjax", "drjax_map"):
-    factory = drjax_mapper_factory(drjax, cohort, mesh, primitives_only=system == "drjax")
-    with mapper_override(factory):
-      return make_round(method, data, cohort, "vmap")
-  backend = "sharded" if system == "sharded" else "vmap"
+    backend = DrJaxBackend(drjax, cohort, mesh, primitives_only=system == "drjax")
+    return make_round(method, data, cohort, backend)
   if system == "vmap_stacked":
     method = dataclasses.replace(method, aggregator=method.aggregator._replace(stream=None))
-  return make_round(method, data, cohort, backend, mesh, chunk_size=chunk_size)
+  return make_round(method, data, cohort, BACKEND_OF_SYSTEM[system], mesh, chunk_size=chunk_size)
 
 
 def workload(cohort):

@@ -40,14 +40,15 @@ def build_problem(name):
 
 def run(name, backend):
   """The final state of ``ROUNDS`` rounds, one jitted call per round."""
-  from fedjax_lab import distributed
+  from fedjax_lab import parallel
   from fedjax_lab.algorithm import make_multi_round, make_round
+  backend = parallel.get_backend(backend)
   method, data, state = build_problem(name)
   run_rounds = make_multi_round(make_round(method, data, COHORT, backend), backend)
   arrays, offsets = data.device_arrays()
-  if backend == "sharded":
-    state, arrays, offsets = distributed.replicate((state, arrays, offsets))
-    distributed.check_same_on_all_processes((state, arrays, offsets), "initial state and data")
+  # Sharded over several processes: global replicated arrays, checked equal everywhere.
+  state, arrays, offsets = backend.replicate_for_processes((state, arrays, offsets),
+                                                           "initial state and data")
   for _ in range(ROUNDS):
     state, metrics = run_rounds(state, arrays, offsets, 1)
   return state, metrics

@@ -252,7 +252,7 @@ def test_alie_replaces_malicious_rows_by_mean_minus_z_std():
   flags = np.zeros(10, bool)
   flags[[2, 7]] = True
   from fedjax_lab.transforms import Aggregator
-  identity = Aggregator(lambda: (), lambda messages, weights, state, axis_name=None: (messages, state))
+  identity = Aggregator(lambda: (), lambda messages, weights, state, collectives=None: (messages, state))
   seen, _ = run_agg(byzantine.alie_aggregator(identity), {**m, byzantine.MALICIOUS_KEY: flags}, w)
   n, f = 10, 2
   s = np.floor(n / 2 + 1) - f

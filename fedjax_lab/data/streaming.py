@@ -289,14 +289,14 @@ class _StreamedCohorts:
 
 
 def run_streamed(algorithm, init_params, source: ClientSource, rounds: int,
-                 clients_per_round: int, backend: str = "vmap", seed: int = 0,
+                 clients_per_round: int, backend="vmap", seed: int = 0,
                  prefetch: int = 2, state=None):
   """Runs ``rounds`` rounds of ``algorithm`` with host-streamed cohorts.
 
   The rounds loop is ``training.train``'s (one round per call, the non-finite check),
   fed with ``'packed'`` stream items, so the result equals
   ``training.train(algorithm, init_params, data, opts)`` with the same seed,
-  cohort size and backend.
+  cohort size and backend (a ``parallel.Backend`` or its name).
 
   Returns:
     ``(state, history)``: final server state and one metrics dict per round.
