@@ -235,11 +235,17 @@ def _scatter_rows(tree: PyTree, ids: jax.Array, rows: PyTree) -> PyTree:
   return jax.tree.map(lambda x, r: x.at[ids].set(r, mode="drop"), tree, rows)
 
 
-def sample_cohort(state: ServerState, num_clients: int, clients_per_round: int
-                  ) -> tuple[jax.Array, PRNGKey]:
-  """The cohort ids ``[C]`` of the round ``state.round`` and the key its clients derive from."""
+def sample_cohort(state: ServerState, num_clients: int, clients_per_round: int,
+                  sampler: Optional[sampling.Sampler] = None) -> tuple[jax.Array, PRNGKey]:
+  """The cohort ids ``[C]`` of the round ``state.round`` and the key its clients derive from.
+
+  ``sampler(key, round) -> ids [C]`` (``sampling.weighted_sampler``,
+  ``sampling.schedule_sampler``); None draws C clients uniformly without replacement.
+  """
   sample_key, client_key = jax.random.split(jax.random.fold_in(state.rng, state.round))
-  return sampling.uniform(sample_key, num_clients, clients_per_round), client_key
+  if sampler is None:
+    return sampling.uniform(sample_key, num_clients, clients_per_round), client_key
+  return jnp.asarray(sampler(sample_key, state.round), jnp.int32), client_key
 
 
 def client_key_of_round(state: ServerState) -> PRNGKey:
@@ -306,7 +312,12 @@ def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_
   The round for a cohort chosen outside it, with the cohort's client states passed
   in and returned rather than read from and written to ``state.client_states`` (which
   is left as it is: ``()`` when the table lives on the host, so hooks that read it,
-  ``server_update`` and ``round_metrics``, see ``()`` there). Pure; jit it.
+  ``server_rule`` and ``round_metrics``, see ``()`` there). Pure; jit it.
+
+  Research code runs a round on the cohort and batch order it chooses with it: the
+  ids are the cohort, and with ``LocalSchedule(shuffle=False)`` each client's batches
+  are its examples in the order they are packed in ``arrays`` (else the order is a
+  shuffle keyed by ``fold_in(client_key, id)``; pass ``client_key`` to choose it).
 
   ``backend`` is a ``parallel.Backend`` or its name (``mesh`` then goes with
   ``'sharded'``).
@@ -326,17 +337,22 @@ def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_
   body = _make_round_body(algorithm, data, clients_per_round,
                           parallel.get_backend(backend, mesh), chunk_size)
 
-  def core(state: ServerState, ids, client_rows, arrays, offsets):
-    return body(state, ids, client_key_of_round(state), arrays, offsets,
-                lambda s, i: client_rows, lambda s, i, r: s)
+  def core(state: ServerState, ids, client_rows, arrays, offsets, client_key=None):
+    key = client_key_of_round(state) if client_key is None else client_key
+    return body(state, ids, key, arrays, offsets, lambda s, i: client_rows, lambda s, i, r: s)
 
   return core
 
 
 def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
                backend: parallel.BackendLike = "vmap", mesh=None,
-               chunk_size: Optional[int] = None) -> Callable:
+               chunk_size: Optional[int] = None,
+               sampler: Optional[sampling.Sampler] = None) -> Callable:
   """Builds ``round_fn(state, arrays, offsets) -> (state, metrics)``, pure.
+
+  ``sampler(key, round) -> ids [C]`` chooses each round's cohort (default: uniform;
+  ``sampling.weighted_sampler`` by example count, ``sampling.schedule_sampler`` for
+  cohorts fixed ahead). For a cohort chosen outside the round, ``make_round_core``.
 
   ``backend`` is a ``parallel.Backend`` (``LoopBackend()``, ``VmapBackend()``,
   ``ShardedBackend(mesh)``) or its name; ``mesh`` goes with the name ``'sharded'``.
@@ -360,8 +376,14 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
   def write_rows(state, ids, rows):
     return state._replace(client_states=_scatter_rows(state.client_states, ids, rows))
 
+  if sampler is not None:
+    shape = jax.eval_shape(sampler, jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)).shape
+    if shape != (clients_per_round,):
+      raise ValueError(f"The sampler draws cohorts of shape {shape}; clients_per_round="
+                       f"{clients_per_round} needs ({clients_per_round},).")
+
   def round_fn(state: ServerState, arrays, offsets):
-    ids, client_key = sample_cohort(state, num_clients, clients_per_round)
+    ids, client_key = sample_cohort(state, num_clients, clients_per_round, sampler)
     ids = pad_cohort(ids, padded, num_clients)
     state, _, metrics = body(state, ids, client_key, arrays, offsets, read_rows, write_rows)
     return state, metrics

@@ -4,9 +4,14 @@
 clients drawn in turn with probability proportional to a weight, e.g. example counts)
 and ``fixed_schedule`` (the cohorts given ahead, one row per round).
 """
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ``(key, round) -> ids [C]``: how a round draws its cohort (make_round's ``sampler``).
+Sampler = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def validate_cohort(num_clients: int, clients_per_round: int) -> None:
@@ -62,3 +67,22 @@ def validate_schedule(schedule, num_clients: int) -> None:
       raise ValueError(f"Cohort schedule row {r} has ids outside [0, {num_clients}): {row}.")
     if len(set(row.tolist())) != len(row):
       raise ValueError(f"Cohort schedule row {r} repeats a client: {row}.")
+
+
+def weighted_sampler(weights, clients_per_round: int) -> Sampler:
+  """Cohorts drawn by ``weighted`` (e.g. ``weights = data.client_sizes``)."""
+  weights = np.asarray(weights, np.float32)
+  if weights.ndim != 1 or np.any(weights < 0) or not np.any(weights > 0):
+    raise ValueError("weighted_sampler needs one non-negative weight per client, not all 0.")
+  validate_cohort(weights.shape[0], clients_per_round)
+  if np.count_nonzero(weights) < clients_per_round:
+    raise ValueError(f"Only {np.count_nonzero(weights)} clients have a positive weight; a "
+                     f"cohort of {clients_per_round} would take clients of weight 0.")
+  return lambda key, round_index: weighted(key, weights, clients_per_round)
+
+
+def schedule_sampler(schedule, num_clients: int) -> Sampler:
+  """Round r takes row ``r % R`` of ``schedule [R, C]`` (checked by ``validate_schedule``)."""
+  validate_schedule(schedule, num_clients)
+  schedule = np.asarray(schedule, np.int32)
+  return lambda key, round_index: fixed_schedule(schedule, round_index)

@@ -68,6 +68,9 @@ class TrainOptions:
   workdir: Optional[str] = None
   progress: bool = True
   writers: Sequence = ()
+  # (key, round) -> cohort ids [C] (sampling.weighted_sampler, sampling.schedule_sampler);
+  # None: uniform without replacement. Device client states only.
+  sampler: Optional[Callable] = None
 
   def __post_init__(self):
     if self.client_states not in CLIENT_STATES:
@@ -177,14 +180,14 @@ def _compiled_rounds(algorithm: FederatedAlgorithm, data: FederatedData, opts: T
   """
   try:
     key = (algorithm, data.num_clients, int(data.max_client_size), opts.clients_per_round,
-           opts.backend, opts.chunk_size, opts.donate_state, round_wrapper)
+           opts.backend, opts.chunk_size, opts.donate_state, round_wrapper, opts.sampler)
     hash(key)
   except TypeError:          # a method holding an unhashable field: no caching
     key = None
   if key is not None and key in _ROUNDS_CACHE:
     return _ROUNDS_CACHE[key]
   round_fn = algorithm_lib.make_round(algorithm, data, opts.clients_per_round, opts.backend,
-                                      chunk_size=opts.chunk_size)
+                                      chunk_size=opts.chunk_size, sampler=opts.sampler)
   if round_wrapper is not None:
     round_fn = round_wrapper(round_fn)
   traces = [0]
@@ -253,9 +256,9 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   if host and jax.process_count() > 1:
     raise ValueError("client_states='host' runs in one process; with several processes "
                      "use client_states='device'.")
-  if host and round_wrapper is not None:
-    raise ValueError("round_wrapper needs client_states='device' (a host table's rounds "
-                     "move rows in and out of the round).")
+  if host and (round_wrapper is not None or opts.sampler is not None):
+    raise ValueError("round_wrapper and sampler need client_states='device' (a host "
+                     "table's rounds draw uniform cohorts on the host).")
   backend = parallel.get_backend(opts.backend)
   arrays, offsets = data.device_arrays() if hasattr(data, "device_arrays") else (None, None)
   rng = jax.random.PRNGKey(opts.seed)

@@ -40,3 +40,41 @@ def test_fixed_schedule_cycles_through_its_rows():
     sampling.validate_schedule([[0, 3]], 3)
   with pytest.raises(ValueError, match="larger than the population"):
     sampling.validate_schedule([[0, 1, 2]], 2)
+
+
+def test_a_fixed_schedule_runs_those_cohorts_in_training():
+  from algorithms.fedavg import fedavg
+  from fedjax_lab import training
+  from fedjax_lab.client import LocalSchedule
+  from reference import linear_example_loss, linear_problem, local_sgd, to_numpy, tree_close
+  sizes = (5, 3, 7, 4)
+  data, params = linear_problem(sizes)
+  schedule = np.array([[2, 0], [3, 1]])
+  method = fedavg(linear_example_loss, 0.1, schedule=LocalSchedule(2, epochs=1, shuffle=False))
+  opts = training.TrainOptions(rounds=2, clients_per_round=2, rounds_per_call=2, eval_every=0,
+                               progress=False,
+                               sampler=sampling.schedule_sampler(schedule, data.num_clients))
+  state, _ = training.train(method, params, data, opts=opts)
+  x = to_numpy(params)
+  for row in schedule:   # numpy FedAvg on exactly these clients, weighted by size
+    deltas = []
+    for i in row:
+      c = data.client(int(i))
+      w, _ = local_sgd(x, np.asarray(c["x"], np.float64), np.asarray(c["y"], np.float64),
+                       0.1, 2, 1)
+      deltas.append({k: w[k] - x[k] for k in x})
+    weights = np.asarray([sizes[i] for i in row], np.float64)
+    weights /= weights.sum()
+    x = {k: x[k] + sum(wi * d[k] for wi, d in zip(weights, deltas)) for k in x}
+  tree_close(state.params, x, atol=1e-5)
+  with pytest.raises(ValueError, match=r"cohorts of shape \(2,\); clients_per_round=3"):
+    training.train(method, params, data, opts=training.TrainOptions(
+        rounds=1, clients_per_round=3, progress=False, sampler=opts.sampler))
+
+
+def test_weighted_sampler_checks_its_weights():
+  with pytest.raises(ValueError, match="Only 1 clients have a positive weight"):
+    sampling.weighted_sampler([0.0, 2.0, 0.0], 2)
+  sampler = sampling.weighted_sampler([1.0, 2.0, 3.0], 2)
+  ids = np.asarray(sampler(jax.random.PRNGKey(0), jnp.int32(0)))
+  assert ids.shape == (2,) and len(set(ids.tolist())) == 2
