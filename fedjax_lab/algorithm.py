@@ -245,7 +245,15 @@ def sample_cohort(state: ServerState, num_clients: int, clients_per_round: int,
   sample_key, client_key = jax.random.split(jax.random.fold_in(state.rng, state.round))
   if sampler is None:
     return sampling.uniform(sample_key, num_clients, clients_per_round), client_key
-  return jnp.asarray(sampler(sample_key, state.round), jnp.int32), client_key
+  ids, _ = _sampled(sampler, sample_key, state.round)
+  return ids, client_key
+
+
+def _sampled(sampler, key, round_index) -> tuple[jax.Array, dict]:
+  """A sampler's ``(ids, info)``; samplers that return ids alone have no info."""
+  out = sampler(key, round_index)
+  ids, info = out if isinstance(out, tuple) else (out, {})
+  return jnp.asarray(ids, jnp.int32), dict(info)
 
 
 def client_key_of_round(state: ServerState) -> PRNGKey:
@@ -377,16 +385,22 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
     return state._replace(client_states=_scatter_rows(state.client_states, ids, rows))
 
   if sampler is not None:
-    shape = jax.eval_shape(sampler, jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)).shape
+    shape = jax.eval_shape(lambda k, r: _sampled(sampler, k, r)[0], jax.random.PRNGKey(0),
+                           jnp.zeros((), jnp.int32)).shape
     if shape != (clients_per_round,):
       raise ValueError(f"The sampler draws cohorts of shape {shape}; clients_per_round="
                        f"{clients_per_round} needs ({clients_per_round},).")
 
   def round_fn(state: ServerState, arrays, offsets):
-    ids, client_key = sample_cohort(state, num_clients, clients_per_round, sampler)
+    if sampler is None:
+      ids, client_key = sample_cohort(state, num_clients, clients_per_round)
+      info = {}
+    else:
+      sample_key, client_key = jax.random.split(jax.random.fold_in(state.rng, state.round))
+      ids, info = _sampled(sampler, sample_key, state.round)
     ids = pad_cohort(ids, padded, num_clients)
     state, _, metrics = body(state, ids, client_key, arrays, offsets, read_rows, write_rows)
-    return state, metrics
+    return state, {**metrics, **info}
 
   return round_fn
 

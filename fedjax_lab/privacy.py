@@ -20,10 +20,18 @@ and the update's noise multiplier ``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` kee
 pair of releases at total noise multiplier ``z`` (their Theorem 1), so the
 accountant uses ``z``.
 
-Accounting uses Google's ``dp-accounting`` (RDP and PLD accountants) for ``rounds``
-compositions of a Poisson-subsampled Gaussian mechanism with rate ``q = m / N``; the
-cohort here is a fixed-size sample without replacement, for which the RDP
-accountant's ``SampledWithoutReplacementDpEvent`` is also offered.
+Accounting uses Google's ``dp-accounting`` for ``rounds`` compositions of a subsampled
+Gaussian mechanism, for the sampling the run performs:
+
+* ``poisson`` (every client joins with probability ``q = m / N``; ``sampling.poisson``):
+  add/remove-one neighbours, sensitivity C, so the Gaussian event has noise multiplier
+  z; RDP and PLD (dp-accounting's default PLD precision).
+* ``fixed`` (exactly m clients without replacement; ``sampling.uniform``): replace-one
+  neighbours, under which the sum of clipped updates moves by up to 2C, so the event's
+  noise multiplier (std over sensitivity) is z / 2; RDP only (dp-accounting's PLD has
+  no without-replacement event).
+
+``report`` gives both accountants' epsilon where valid and the smaller as ``epsilon``.
 """
 import math
 from typing import NamedTuple, Optional
@@ -36,7 +44,8 @@ from fedjax_lab import hyperparams
 from fedjax_lab.transforms import Aggregator, SumStream, as_collectives
 
 ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "without_replacement")
+SAMPLINGS = ("poisson", "fixed")
+NEIGHBORING = {"poisson": "add_remove_one", "fixed": "replace_one"}
 
 
 class DPState(NamedTuple):
@@ -174,26 +183,36 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
 # ---------------------------------------------------------------------------
 
 
-def dp_event(noise_multiplier: float, rounds: int, sampling_rate: float,
-             sampling: str = "poisson", population: Optional[int] = None):
-  """The ``dp_accounting`` event of ``rounds`` subsampled Gaussian rounds."""
-  import dp_accounting
+def _check_sampling(sampling: str) -> None:
   if sampling not in SAMPLINGS:
     raise ValueError(f"Unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}.")
-  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+
+
+def dp_event(noise_multiplier: float, rounds: int, sampling_rate: float,
+             sampling: str = "poisson", population: Optional[int] = None):
+  """The ``dp_accounting`` event of ``rounds`` rounds of DP-FedAvg.
+
+  ``noise_multiplier`` is z, the noise std over the clip norm. For ``'fixed'``
+  cohorts (replace-one neighbours, sensitivity 2 x clip) the Gaussian event's noise
+  multiplier is z / 2.
+  """
+  import dp_accounting
+  _check_sampling(sampling)
   if sampling == "poisson":
-    one = dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
+    one = dp_accounting.PoissonSampledDpEvent(sampling_rate,
+                                              dp_accounting.GaussianDpEvent(noise_multiplier))
   else:
     if population is None:
-      raise ValueError("sampling='without_replacement' needs the population size.")
+      raise ValueError("sampling='fixed' needs the population size.")
     one = dp_accounting.SampledWithoutReplacementDpEvent(
-        population, int(round(sampling_rate * population)), gaussian)
+        population, int(round(sampling_rate * population)),
+        dp_accounting.GaussianDpEvent(noise_multiplier / 2.0))
   return dp_accounting.SelfComposedDpEvent(one, rounds)
 
 
 def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float,
             accountant: str = "rdp", sampling: str = "poisson",
-            population: Optional[int] = None, pld_discretization: float = 1e-3) -> float:
+            population: Optional[int] = None, pld_discretization: float = 1e-4) -> float:
   """epsilon of ``rounds`` rounds of DP-FedAvg at ``delta`` (inf without noise).
 
   Args:
@@ -203,18 +222,18 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     delta: target delta.
     accountant: ``'rdp'`` (Renyi DP, Mironov 2017) or ``'pld'`` (privacy loss
       distributions, Koskela et al. / Doroshenko et al. 2022).
-    sampling: ``'poisson'`` (add/remove-one neighbours) or ``'without_replacement'``
-      (RDP only, replace-one neighbours, Wang, Balle, Kasiviswanathan 2019).
-    population: number of clients (for ``'without_replacement'``).
-    pld_discretization: the PLD accountant's ``value_discretization_interval``. Its
-      estimate is pessimistic, so a coarser grid still bounds epsilon from above;
-      1e-3 matches dp-accounting's default 1e-4 to ~1e-3 relative here and runs ~10x
-      faster (seconds instead of minutes for small noise multipliers).
+    sampling: ``'poisson'`` (add/remove-one neighbours) or ``'fixed'`` (a fixed-size
+      sample without replacement: RDP only, replace-one neighbours, sensitivity
+      2 x clip; Wang, Balle, Kasiviswanathan 2019).
+    population: number of clients (for ``'fixed'``).
+    pld_discretization: the PLD accountant's ``value_discretization_interval``
+      (dp-accounting's default 1e-4; a coarser grid is pessimistic, up to 2x at small q).
   """
   import dp_accounting
   from dp_accounting import pld, rdp
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"Unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}.")
+  _check_sampling(sampling)
   if not 0.0 < sampling_rate <= 1.0:
     raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}.")
   if not 0.0 < delta < 1.0:
@@ -236,3 +255,25 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
   acc.compose(dp_event(noise_multiplier, rounds, sampling_rate, sampling, population))
   return float(acc.get_epsilon(delta))
+
+
+def report(noise_multiplier: float, clients_per_round: int, num_clients: int, rounds: int,
+           delta: float, sampling: str = "poisson") -> dict:
+  """The privacy of ``rounds`` rounds of DP-FedAvg as the run sampled them.
+
+  Returns:
+    ``{'dp_sampling', 'dp_neighboring', 'dp_epsilon_rdp', 'dp_epsilon_pld' (Poisson
+    only), 'dp_epsilon' (the smaller valid one), 'dp_delta', 'dp_noise_multiplier',
+    'dp_sampling_rate', 'dp_rounds'}``; epsilon is ``inf`` without noise.
+  """
+  _check_sampling(sampling)
+  q = clients_per_round / num_clients
+  out = {"dp_sampling": sampling, "dp_neighboring": NEIGHBORING[sampling],
+         "dp_epsilon_rdp": epsilon(noise_multiplier, q, rounds, delta, "rdp", sampling,
+                                   num_clients)}
+  if sampling == "poisson":
+    out["dp_epsilon_pld"] = epsilon(noise_multiplier, q, rounds, delta, "pld")
+  out["dp_epsilon"] = min(v for k, v in out.items() if k.startswith("dp_epsilon_"))
+  out.update(dp_delta=delta, dp_noise_multiplier=noise_multiplier, dp_sampling_rate=q,
+             dp_rounds=rounds)
+  return out

@@ -1,8 +1,9 @@
 """Cohort sampling, on device and keyed by the round's RNG.
 
 ``uniform`` (C distinct clients, each cohort equally likely), ``weighted`` (C distinct
-clients drawn in turn with probability proportional to a weight, e.g. example counts)
-and ``fixed_schedule`` (the cohorts given ahead, one row per round).
+clients drawn in turn with probability proportional to a weight, e.g. example counts),
+``fixed_schedule`` (the cohorts given ahead, one row per round) and ``poisson`` (each
+client joins with probability q, DP-FedAvg's sampling; padded to a static maximum).
 """
 from typing import Callable
 
@@ -10,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# ``(key, round) -> ids [C]``: how a round draws its cohort (make_round's ``sampler``).
+# ``(key, round) -> ids [C]`` or ``(ids [C], info)``: how a round draws its cohort
+# (make_round's ``sampler``); ``info`` scalars join the round's metrics (Poisson's
+# ``cohort_size``, ``cohort_overflow``).
 Sampler = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -86,3 +89,47 @@ def schedule_sampler(schedule, num_clients: int) -> Sampler:
   validate_schedule(schedule, num_clients)
   schedule = np.asarray(schedule, np.int32)
   return lambda key, round_index: fixed_schedule(schedule, round_index)
+
+
+def poisson(rng: jax.Array, num_clients: int, rate, max_cohort: int) -> tuple[jax.Array, dict]:
+  """Poisson sampling: every client joins independently with probability ``rate``.
+
+  The cohort has a random size, so it is returned padded to the static
+  ``max_cohort``: the joining ids in increasing order, then padding ids
+  ``num_clients`` (zero-weight clients in the round). A cohort larger than
+  ``max_cohort`` cannot be represented; it is reported, never silently truncated:
+  ``info['cohort_overflow']`` counts the clients left out (the rounds loop raises on
+  a positive count) and ``info['cohort_size']`` is the number that joined.
+
+  Returns:
+    ``(ids int32 [max_cohort], info)``.
+  """
+  joined = jax.random.bernoulli(rng, rate, (num_clients,))
+  count = jnp.sum(joined.astype(jnp.int32))
+  # Joined ids first, in id order: a stable sort on "not joined".
+  order = jnp.argsort(~joined, stable=True).astype(jnp.int32)[:max_cohort]
+  ids = jnp.where(jnp.arange(max_cohort) < count, order, num_clients).astype(jnp.int32)
+  return ids, {"cohort_size": count, "cohort_overflow": jnp.maximum(count - max_cohort, 0)}
+
+
+def poisson_max_cohort(num_clients: int, rate: float, overflow_probability: float = 1e-9) -> int:
+  """The smallest m with P(Binomial(num_clients, rate) > m) < ``overflow_probability``."""
+  from scipy import stats
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"The Poisson sampling rate must be in (0, 1], got {rate}.")
+  m = int(stats.binom.isf(overflow_probability, num_clients, rate))
+  while m < num_clients and stats.binom.sf(m, num_clients, rate) >= overflow_probability:
+    m += 1
+  return max(min(m, num_clients), 1)
+
+
+def poisson_sampler(num_clients: int, rate: float,
+                    overflow_probability: float = 1e-9) -> tuple[Sampler, int]:
+  """``(sampler, max_cohort)`` for Poisson cohorts of rate q (DP-FedAvg's sampling).
+
+  ``max_cohort`` is ``poisson_max_cohort``: the round runs that many client slots
+  (pass it as ``clients_per_round``), and a cohort above it, with probability below
+  ``overflow_probability`` per round, stops the run.
+  """
+  max_cohort = poisson_max_cohort(num_clients, rate, overflow_probability)
+  return (lambda key, round_index: poisson(key, num_clients, rate, max_cohort)), max_cohort

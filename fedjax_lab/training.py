@@ -35,6 +35,10 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN/inf; the last good state was kept."""
 
 
+class CohortOverflowError(ValueError):
+  """A Poisson cohort was larger than its padded maximum; the state before it was kept."""
+
+
 CLIENT_STATES = ("device", "host")
 
 
@@ -333,6 +337,15 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
         raise NonFiniteLossError(
             f"Training loss became non-finite at round {first_bad}; the last good state is "
             f"round {current}.{where} Lower the learning rates or check the data.")
+      overflow = np.flatnonzero(chunk.get("cohort_overflow", np.zeros(1)) > 0)
+      if overflow.size:
+        i = int(overflow[0])
+        size = int(chunk["cohort_size"][i])
+        raise CohortOverflowError(
+            f"Round {current + i + 1} sampled a cohort of {size} clients, more than its "
+            f"{size - int(chunk['cohort_overflow'][i])} slots; nothing was truncated and the "
+            f"state stays at round {current}. Raise the maximum cohort (a smaller overflow "
+            f"probability).")
       loop.state = new_state
       if host:
         rows.write(loop.table)

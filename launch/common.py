@@ -8,6 +8,7 @@ import jax
 import algorithms
 from fedjax_lab import data as data_lib
 from fedjax_lab import metrics as metrics_lib
+from fedjax_lab import sampling
 from fedjax_lab import models as models_lib
 from fedjax_lab import training
 from fedjax_lab.models import text as text_models
@@ -107,8 +108,16 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
   """
   start = time.perf_counter()
   exp = build(config)
+  cohort_slots, sampler, sampling_info = config.clients_per_round, None, {}
+  if robust.dp_sampling(config) == "poisson":
+    # DP-FedAvg's sampling: each client joins with q = C / N; the round has slots for
+    # the largest cohort but one in 1e9 (a larger one stops the run).
+    sampler, cohort_slots = sampling.poisson_sampler(
+        exp.train_data.num_clients, config.clients_per_round / exp.train_data.num_clients)
+    sampling_info = {"dp_cohort_slots": cohort_slots, "dp_overflow_probability": 1e-9}
   opts = training.TrainOptions(
-      rounds=config.rounds, clients_per_round=config.clients_per_round, backend=config.backend,
+      rounds=config.rounds, clients_per_round=cohort_slots, backend=config.backend,
+      sampler=sampler,
       chunk_size=config.get("chunk_size"), donate_state=config.get("donate_state", False),
       client_states=config.get("client_states", "device"),
       client_state_dir=config.get("client_state_dir"),
@@ -128,6 +137,7 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
              "wall_s": round(time.perf_counter() - start, 3)}
   summary.update({k: config[k] for k in ("aggregator", "attack", "malicious_fraction") if k in config})
   summary.update(robust.privacy_report(config, exp.train_data.num_clients, int(state.round)))
+  summary.update(sampling_info)
   if "robust_accuracy" in final:
     # Robust evaluation (config.robust_eval): accuracy under each attack at radius eps.
     summary.update({k: v for k, v in final.items() if k not in ("accuracy", "loss")})

@@ -121,7 +121,12 @@ def apply_robustness(method: FederatedAlgorithm, config) -> FederatedAlgorithm:
 
 
 def privacy_report(config, num_clients: int, rounds: Optional[int] = None) -> dict:
-  """epsilon (RDP and PLD) of the config's DP-FedAvg run; ``{}`` without DP.
+  """epsilon of the config's DP-FedAvg run for the sampling it performs; ``{}`` without DP.
+
+  ``dp.sampling``: ``'poisson'`` (default; ``launch.common.run`` then samples Poisson
+  cohorts of rate ``clients_per_round / N``), accounted with add/remove-one
+  neighbours (RDP and PLD), or ``'fixed'`` (exactly ``clients_per_round`` clients),
+  accounted with replace-one neighbours and sensitivity 2 x clip (RDP).
 
   Args:
     config: run config (``dp.*``, ``clients_per_round``, ``rounds``).
@@ -129,17 +134,27 @@ def privacy_report(config, num_clients: int, rounds: Optional[int] = None) -> di
     rounds: rounds to account for (default ``config.rounds``), e.g. the rounds done.
 
   Returns:
-    ``{'dp_epsilon_rdp', 'dp_epsilon_pld', 'dp_delta', 'dp_noise_multiplier',
+    ``privacy.report``'s dict: ``{'dp_sampling', 'dp_neighboring', 'dp_epsilon_rdp',
+    'dp_epsilon_pld' (Poisson only), 'dp_epsilon', 'dp_delta', 'dp_noise_multiplier',
     'dp_sampling_rate', 'dp_rounds'}``; epsilon is ``inf`` without noise.
   """
   dp = _dp(config)
   if dp is None:
     return {}
   rounds = int(_get(config, "rounds", 0) if rounds is None else rounds)
-  q = float(_get(config, "clients_per_round")) / num_clients
-  z = float(_get(dp, "noise_multiplier", 0.0))
-  delta = float(_get(dp, "delta", DEFAULT_DELTA))
-  return {"dp_epsilon_rdp": privacy.epsilon(z, q, rounds, delta, "rdp"),
-          "dp_epsilon_pld": privacy.epsilon(z, q, rounds, delta, "pld"),
-          "dp_delta": delta, "dp_noise_multiplier": z, "dp_sampling_rate": q,
-          "dp_rounds": rounds}
+  return privacy.report(float(_get(dp, "noise_multiplier", 0.0)),
+                        int(_get(config, "clients_per_round")), num_clients, rounds,
+                        float(_get(dp, "delta", DEFAULT_DELTA)), dp_sampling(config))
+
+
+def dp_sampling(config) -> Optional[str]:
+  """How a DP run samples its cohorts: ``dp.sampling`` (default ``'poisson'``); None
+  without DP (cohorts are then fixed-size uniform samples)."""
+  dp = _dp(config)
+  if dp is None:
+    return None
+  sampling = _get(dp, "sampling", "poisson")
+  if sampling not in privacy.SAMPLINGS:
+    raise ValueError(f"Unknown dp.sampling {sampling!r}; choose one of "
+                     f"{', '.join(privacy.SAMPLINGS)}.")
+  return sampling

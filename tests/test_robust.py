@@ -361,29 +361,27 @@ def test_epsilon_equals_dp_accounting_and_is_monotone():
   from dp_accounting import pld, rdp
   event = dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1)), 10)
-  for name, acc in (("rdp", rdp.RdpAccountant()),
-                    ("pld", pld.PLDAccountant(value_discretization_interval=1e-3))):
-    acc.compose(event)
-    assert privacy.epsilon(1.1, 0.1, 10, 1e-5, name) == pytest.approx(acc.get_epsilon(1e-5))
-  exact = pld.PLDAccountant()                                 # dp-accounting's default grid
-  exact.compose(event)
-  assert privacy.epsilon(1.1, 0.1, 10, 1e-5, "pld") == pytest.approx(exact.get_epsilon(1e-5),
-                                                                     rel=1e-2)
+  for name, acc in (("rdp", rdp.RdpAccountant()), ("pld", pld.PLDAccountant())):
+    acc.compose(event)   # dp-accounting's default precision, as privacy.epsilon uses
+    assert privacy.epsilon(1.1, 0.1, 10, 1e-5, name) == pytest.approx(acc.get_epsilon(1e-5),
+                                                                      rel=1e-12)
   eps = [privacy.epsilon(1.1, 0.1, r, 1e-5) for r in (10, 30, 90)]
   assert eps[0] < eps[1] < eps[2]
   eps = [privacy.epsilon(z, 0.1, 30, 1e-5) for z in (0.8, 1.1, 2.0)]
   assert eps[0] > eps[1] > eps[2]
   assert privacy.epsilon(0.0, 0.1, 30, 1e-5) == np.inf
+  # A fixed-size cohort: replace-one neighbours move the clipped sum by 2 clip, z / 2.
   wor = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
   wor.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
-      100, 10, dp_accounting.GaussianDpEvent(1.1)), 30))
-  assert privacy.epsilon(1.1, 0.1, 30, 1e-5, sampling="without_replacement",
-                         population=100) == pytest.approx(wor.get_epsilon(1e-5))
+      100, 10, dp_accounting.GaussianDpEvent(1.1 / 2)), 30))
+  assert privacy.epsilon(1.1, 0.1, 30, 1e-5, sampling="fixed",
+                         population=100) == pytest.approx(wor.get_epsilon(1e-5), rel=1e-12)
   config = ml_collections.ConfigDict({"rounds": 10, "clients_per_round": 10, "seed": 0,
                                       "dp": {"clip": 1.0, "noise_multiplier": 1.1}})
   report = robust.privacy_report(config, num_clients=100)
   assert report["dp_epsilon_rdp"] == pytest.approx(privacy.epsilon(1.1, 0.1, 10, 1e-5))
   assert report["dp_sampling_rate"] == 0.1 and report["dp_delta"] == 1e-5
+  assert report["dp_sampling"] == "poisson" and report["dp_neighboring"] == "add_remove_one"
   with pytest.raises(ValueError, match="accountant"):
     privacy.epsilon(1.0, 0.1, 3, 1e-5, "moments")
 
@@ -531,3 +529,42 @@ def test_digits_sign_flip_x10_breaks_the_mean_but_not_robust_aggregators():
   # Krum keeps a single client's update: robust, but its clean run already pays on skewed data.
   own_clean, own_attacked = digits_accuracy("krum", (0.0, 0.2))
   assert own_attacked > own_clean - 0.05 and own_attacked > 0.7
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_privacy_report_is_dp_accounting_on_the_event_the_run_samples(sampling):
+  import dp_accounting
+  from dp_accounting import pld, rdp
+  z, cohort, population, rounds, delta = 1.0, 10, 1000, 1000, 1e-5
+  report = privacy.report(z, cohort, population, rounds, delta, sampling)
+  if sampling == "poisson":
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        cohort / population, dp_accounting.GaussianDpEvent(z)), rounds)
+    accountants = {"rdp": rdp.RdpAccountant(), "pld": pld.PLDAccountant()}
+    assert report["dp_neighboring"] == "add_remove_one"
+  else:
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+        population, cohort, dp_accounting.GaussianDpEvent(z / 2)), rounds)
+    accountants = {"rdp": rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)}
+    assert report["dp_neighboring"] == "replace_one" and "dp_epsilon_pld" not in report
+  expected = {}
+  for name, acc in accountants.items():
+    acc.compose(event)
+    expected[name] = acc.get_epsilon(delta)
+    assert report[f"dp_epsilon_{name}"] == pytest.approx(expected[name], rel=1e-12)
+  assert report["dp_epsilon"] == min(expected.values())
+  # The numbers of the issue this fixes: fixed-size cohorts are ten times less private.
+  assert report["dp_epsilon_rdp"] == pytest.approx(2.10 if sampling == "poisson" else 20.99,
+                                                   abs=0.01)
+
+
+def test_dp_noise_std_is_z_times_clip():
+  z, clip, m = 1.3, 0.7, 4.0
+  agg = privacy.dp_fedavg_aggregator(clip, z, m, seed=3)
+  messages = {"w": jnp.zeros((2, 20000))}
+  mean, _ = agg.update(messages, jnp.ones(2), agg.init(), None)
+  noise = np.asarray(mean["w"]) * m       # the sum's noise: N(0, (z clip)^2)
+  # The sample std of 20,000 normals is within 2% of sigma with overwhelming probability.
+  assert abs(noise.std() / (z * clip) - 1) < 0.02
+  assert abs(noise.mean()) < 4 * z * clip / np.sqrt(noise.size)

@@ -78,3 +78,45 @@ def test_weighted_sampler_checks_its_weights():
   sampler = sampling.weighted_sampler([1.0, 2.0, 3.0], 2)
   ids = np.asarray(sampler(jax.random.PRNGKey(0), jnp.int32(0)))
   assert ids.shape == (2,) and len(set(ids.tolist())) == 2
+
+
+def test_poisson_cohorts_have_binomial_sizes_and_distinct_sorted_ids():
+  n, q = 50, 0.2
+  sampler, max_cohort = sampling.poisson_sampler(n, q)
+  from scipy import stats
+  assert stats.binom.sf(max_cohort, n, q) < 1e-9 <= stats.binom.sf(max_cohort - 1, n, q)
+  keys = jax.random.split(jax.random.PRNGKey(3), 4000)
+  ids, info = jax.jit(jax.vmap(lambda k: sampler(k, jnp.int32(0))))(keys)
+  ids, sizes = np.asarray(ids), np.asarray(info["cohort_size"])
+  # Mean and variance of Binomial(n, q), to four standard errors.
+  assert abs(sizes.mean() - n * q) < 4 * np.sqrt(n * q * (1 - q) / len(sizes))
+  assert abs(sizes.var() - n * q * (1 - q)) < 0.15 * n * q * (1 - q)
+  for row, size in zip(ids[:100], sizes[:100]):
+    real = row[:size]
+    assert np.all(np.diff(real) > 0) and np.all(row[size:] == n)
+  # Each client joins with probability q.
+  joined = np.zeros(n)
+  for row, size in zip(ids, sizes):
+    joined[row[:size]] += 1
+  np.testing.assert_array_less(np.abs(joined / len(ids) - q), 4 * np.sqrt(q * (1 - q) / len(ids)))
+
+
+def test_a_poisson_overflow_stops_the_run_and_keeps_the_state():
+  from algorithms.fedavg import fedavg
+  from fedjax_lab import training
+  from fedjax_lab.client import LocalSchedule
+  from reference import linear_example_loss, linear_problem
+  data, params = linear_problem((5, 3, 7, 4, 6, 2))
+  method = fedavg(linear_example_loss, 0.1, schedule=LocalSchedule(2, epochs=1))
+  # One slot for a rate of 0.9: the first round overflows.
+  sampler = lambda key, r: sampling.poisson(key, data.num_clients, 0.9, 1)
+  opts = training.TrainOptions(rounds=3, clients_per_round=1, progress=False, sampler=sampler)
+  with pytest.raises(training.CohortOverflowError, match=r"Round 1 sampled a cohort of \d "
+                                                          r"clients, more than its 1 slots"):
+    training.train(method, params, data, opts=opts)
+  # With enough slots the same run trains, with the padded slots at weight 0.
+  sampler, max_cohort = sampling.poisson_sampler(data.num_clients, 0.5)
+  _, history = training.train(method, params, data, opts=training.TrainOptions(
+      rounds=3, clients_per_round=max_cohort, progress=False, sampler=sampler))
+  assert all(0 <= h["cohort_size"] <= max_cohort for h in history)
+  assert all(h["cohort_examples"] > 0 for h in history if h["cohort_size"] > 0)

@@ -158,11 +158,24 @@ def test_launch_wires_attack_aggregator_and_dp_epsilon():
   config.rounds, config.eval_every = 2, 2
   config.aggregator, config.attack, config.malicious_fraction = "mean", "none", 0.0
   config.dp.clip, config.dp.noise_multiplier = 0.5, 1.0
-  _, _, summary = common.run(config, progress=False)
+  _, history, summary = common.run(config, progress=False)
   assert summary["aggregator"] == "mean" and summary["dp_rounds"] == 2
-  q = config.clients_per_round / config.num_clients
-  expected = privacy.epsilon(1.0, q, 2, summary["dp_delta"], "rdp")
-  np.testing.assert_allclose(summary["dp_epsilon_rdp"], expected, rtol=1e-9)
+  # Poisson sampling by default: cohorts of random size in padded slots.
+  assert summary["dp_sampling"] == "poisson"
+  assert summary["dp_cohort_slots"] >= config.clients_per_round
+  assert all(0 <= h["cohort_size"] <= summary["dp_cohort_slots"] for h in history)
+  expected = privacy.report(1.0, config.clients_per_round, config.num_clients, 2,
+                            summary["dp_delta"], "poisson")
+  for key in ("dp_epsilon_rdp", "dp_epsilon_pld", "dp_epsilon"):
+    np.testing.assert_allclose(summary[key], expected[key], rtol=1e-9)
+  # Fixed-size cohorts: accounted with replace-one neighbours (RDP only).
+  config.dp.sampling = "fixed"
+  _, history, fixed = common.run(config, progress=False)
+  assert fixed["dp_sampling"] == "fixed" and "cohort_size" not in history[-1]
+  expected = privacy.report(1.0, config.clients_per_round, config.num_clients, 2,
+                            fixed["dp_delta"], "fixed")
+  np.testing.assert_allclose(fixed["dp_epsilon"], expected["dp_epsilon_rdp"], rtol=1e-9)
+  config.dp.sampling = "poisson"
   # The same config with the mean replaced by the median is a different aggregation.
   config.dp.clip, config.dp.noise_multiplier = None, None
   config.aggregator = "median"

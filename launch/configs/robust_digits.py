@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dp.clip = config_dict.placeholder(float)
   config.dp.noise_multiplier = 0.0
   config.dp.delta = 1e-5
+  config.dp.sampling = "poisson"     # poisson (each client joins w.p. q) | fixed (exactly C)
   config.dp.adaptive = False
   config.dp.target_quantile = 0.5
   config.dp.clip_lr = 0.2
