@@ -26,24 +26,17 @@ from fedjax_lab import continual
 from fedjax_lab import oracles
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState, default_client_extra_args
 from fedjax_lab.client import LocalSchedule
+from fedjax_lab.transforms import stateless_with_extra_args
 
 
 def ewc_penalty(strength: float) -> optax.GradientTransformationExtraArgs:
   """Adds ``strength * fisher * (params - anchor)`` (extra argument ``ewc``)."""
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+  def add_penalty(updates, params, ewc):
+    return jax.tree.map(lambda g, f, w, a: g + strength * f * (w - a),
+                        updates, ewc["fisher"], params, ewc["anchor"])
 
-  def update_fn(updates, state, params=None, *, ewc=None, **extra):
-    del extra
-    if params is None or ewc is None:
-      raise ValueError("ewc_penalty() needs params and the `ewc` extra argument "
-                       "({'fisher', 'anchor'}).")
-    updates = jax.tree.map(lambda g, f, w, a: g + strength * f * (w - a),
-                           updates, ewc["fisher"], params, ewc["anchor"])
-    return updates, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # ewc = {'fisher', 'anchor'}, broadcast by the server.
+  return stateless_with_extra_args(add_penalty, "ewc_penalty()", ("ewc",), needs_params=True)
 
 
 def fedavg_ewc(example_loss, client_lr: float, strength: float, server_lr: float = 1.0,

@@ -75,6 +75,7 @@ from fedjax_lab import hyperparams, oracles
 from fedjax_lab import server_rules
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.client import LocalSchedule
+from fedjax_lab.transforms import stateless_with_extra_args
 from fedjax_lab.types import Params, PyTree
 
 SERVER_OPTIMIZERS = ("sgd", "momentum") + fedopt.SERVER_OPTIMIZERS
@@ -289,16 +290,11 @@ def scale_by_local_lr(default_lr: float) -> optax.GradientTransformationExtraArg
   The client half of SL and of rate decay: the server broadcasts this round's local
   rate. Without the extra argument it is ``optax.scale(-default_lr)``.
   """
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, *, local_lr=None, **extra):
-    del params, extra
+  def scale(updates, params, local_lr):
     lr = default_lr if local_lr is None else local_lr
-    return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
+    return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return stateless_with_extra_args(scale, "scale_by_local_lr()", optional=("local_lr",))
 
 
 class FedHyperClientState(NamedTuple):

@@ -57,7 +57,7 @@ from fedjax_lab import continual
 from fedjax_lab import oracles
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState, default_client_extra_args
 from fedjax_lab.client import LocalSchedule
-from fedjax_lab.transforms import Aggregator
+from fedjax_lab.transforms import Aggregator, stateless_with_extra_args
 
 
 # ----------------------------------------------------------------------------- bases
@@ -172,17 +172,8 @@ def orthogonal_projection(exclude: Sequence[str] = (), max_columns: Optional[int
 def client_projection() -> optax.GradientTransformationExtraArgs:
   """GPM's per-step projection on the client, with the bases passed as the ``bases``
   extra argument (broadcast by the server)."""
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, *, bases=None, **extra):
-    del params, extra
-    if bases is None:
-      raise ValueError("client_projection() needs the `bases` extra argument.")
-    return project(updates, bases), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return stateless_with_extra_args(lambda u, params, bases: project(u, bases),
+                                   "client_projection()", ("bases",))
 
 
 def _is_projection_state(x):

@@ -20,7 +20,7 @@ A federated algorithm composes four pieces:
 
 Where optax has a transform, use optax; this module only holds what FL adds.
 """
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +120,31 @@ class Aggregator(NamedTuple):
   stream: Optional[SumStream] = None
 
 
-class ProximalState(NamedTuple):
-  """Empty: the proximal strength is closed over (a number or an array)."""
+def stateless_with_extra_args(fn: Callable, name: str, required: Sequence[str] = (),
+                              optional: Sequence[str] = (), needs_params: bool = False
+                              ) -> optax.GradientTransformationExtraArgs:
+  """A stateless transform ``updates' = fn(updates, params, **extras)`` that reads extra
+  arguments of the round (``global_params``, ``control``, ``bases``, ...).
+
+  What ``optax.stateless`` is for transforms that take extra arguments: ``fn``
+  receives the ``required`` ones (an absent one raises a ValueError naming ``name``
+  and the argument) and the ``optional`` ones (None when absent); other extra
+  arguments are ignored, so the transform chains with any other.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra):
+    if needs_params and params is None:
+      raise ValueError(f"{name} needs params.")
+    missing = [k for k in required if extra.get(k) is None]
+    if missing:
+      raise ValueError(f"{name} needs the `{missing[0]}` extra argument.")
+    kwargs = {k: extra.get(k) for k in (*required, *optional)}
+    return fn(updates, params, **kwargs), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def proximal(mu: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
@@ -138,18 +161,11 @@ def proximal(mu: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
     A transform whose ``update(grads, state, params, *, global_params)`` adds
     ``mu * (params - global_params)`` to ``grads``.
   """
-  def init_fn(params):
-    del params
-    return ProximalState()
+  def add_proximal(updates, params, global_params):
+    return jax.tree.map(lambda g, w, w0: g + mu * (w - w0), updates, params, global_params)
 
-  def update_fn(updates, state, params=None, *, global_params=None, **extra):
-    del extra
-    if params is None or global_params is None:
-      raise ValueError("proximal() needs params and the global_params extra argument.")
-    updates = jax.tree.map(lambda g, w, w0: g + mu * (w - w0), updates, params, global_params)
-    return updates, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return stateless_with_extra_args(add_proximal, "proximal()", ("global_params",),
+                                   needs_params=True)
 
 
 def add_control_variate() -> optax.GradientTransformationExtraArgs:
@@ -157,17 +173,8 @@ def add_control_variate() -> optax.GradientTransformationExtraArgs:
 
   The round passes ``control = c - c_i`` as an extra argument.
   """
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, *, control=None, **extra):
-    del params, extra
-    if control is None:
-      raise ValueError("add_control_variate() needs the `control` extra argument.")
-    return jax.tree.map(jnp.add, updates, control), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return stateless_with_extra_args(lambda u, params, control: jax.tree.map(jnp.add, u, control),
+                                   "add_control_variate()", ("control",))
 
 
 def as_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
