@@ -97,8 +97,16 @@ def weighted_mean() -> Aggregator:
 # clients in cohort order (on sharded clients, ``all_gather(tiled=True)`` in device
 # order, so the stacked cohort is the same as on one device) and every device computes
 # the same statistic. Zero-weight clients (cohort padding, empty clients) never influence
-# the result. ``weighted=False`` gives every client with a positive weight the
-# same weight 1.
+# the result.
+#
+# Weighting. The coordinate-wise median and trimmed mean (Yin et al. 2018) and
+# Multi-Krum's average (Blanchard et al. 2017) are unweighted in their papers and are
+# so here by default (``weighted=False``): every client with a positive weight counts
+# once, whatever its example count, so the breakdown point counts clients. With
+# ``weighted=True`` the statistic uses the client weights (the example counts under
+# the usual ``weighting``). The geometric median keeps RFA's weights ``alpha_i``
+# (proportional to the example counts) by default, and the norm-bounded mean is
+# FedAvg's weighted mean of clipped updates; both take ``weighted=False``.
 # ---------------------------------------------------------------------------
 
 
@@ -108,6 +116,10 @@ def gather_clients(tree, collectives: Optional[Collectives] = None):
 
 
 def _statistic_weights(weights: jax.Array, weighted: bool) -> jax.Array:
+  """The weights a statistic uses: ``max(w, 0)``, or (unweighted) 1 for ``w > 0`` else 0.
+
+  Either way a client of weight 0 (padding) gets 0 and is left out.
+  """
   weights = jnp.maximum(weights.astype(jnp.float32), 0.0)
   return weights if weighted else (weights > 0).astype(jnp.float32)
 
@@ -143,11 +155,17 @@ def weighted_quantile_median(values: jax.Array, weights: jax.Array) -> jax.Array
   return jnp.where(total > 0, median, 0.0).astype(values.dtype)
 
 
-def coordinate_median(weighted: bool = True) -> Aggregator:
-  """Coordinate-wise (weighted) median (Yin, Chen, Ramchandran, Bartlett, ICML 2018).
+def coordinate_median(weighted: bool = False) -> Aggregator:
+  """Coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, ICML 2018, Definition 1).
 
-  ``agg_j = median_i m_ij`` for every coordinate ``j`` of every leaf, with weights
-  (see ``weighted_quantile_median``).
+  ``agg_j = median_i m_ij`` over the ``n`` valid (positive-weight) clients, for every
+  coordinate ``j`` of every leaf: ``np.median`` of their values (the mean of the two
+  middle values when ``n`` is even). Padding clients (weight 0) are left out.
+
+  Args:
+    weighted: False (default, the paper's): every valid client counts once. True:
+      the weighted median of ``weighted_quantile_median`` with the client weights
+      (the value where the sorted values' cumulative weight reaches half the total).
   """
   def update(messages, weights, state, collectives=None):
     messages, weights = gather_clients((messages, weights), collectives)
@@ -172,17 +190,19 @@ def _trimmed_mean(values: jax.Array, weights: jax.Array, trim: jax.Array) -> jax
   return jnp.where(kept > 0, mean, 0.0).astype(values.dtype)
 
 
-def trimmed_mean(beta: float, weighted: bool = True) -> Aggregator:
+def trimmed_mean(beta: float, weighted: bool = False) -> Aggregator:
   """Coordinate-wise beta-trimmed mean (Yin et al., ICML 2018, Definition 2).
 
-  Unweighted: per coordinate, drop the ``floor(beta * n)`` largest and smallest of
-  the ``n`` valid clients' values and average the rest (``scipy.stats.trim_mean``).
-  Weighted: drop weight ``beta * W`` from each end of the sorted values (rows on
-  the boundary count in part) and take the weighted mean of what is left.
+  Unweighted (default, the paper's): per coordinate, drop the ``floor(beta * n)``
+  largest and smallest of the ``n`` valid (positive-weight) clients' values and
+  average the other ``n - 2 floor(beta * n)`` (``scipy.stats.trim_mean``). Weighted:
+  drop weight ``beta * W`` (``W`` the total client weight) from each end of the
+  sorted values, rows on the boundary counting in part, and take the weighted mean
+  of what is left. Padding clients (weight 0) are left out either way.
 
   Args:
     beta: fraction trimmed from each end, in ``[0, 0.5)``; a number or a scalar array.
-    weighted: use the client weights (else every valid client weighs 1).
+    weighted: use the client weights (default False: every valid client weighs 1).
   """
   hyperparams.check(beta, lambda b: 0.0 <= b < 0.5,
                     f"trimmed_mean needs 0 <= beta < 0.5, got beta={beta}.")
@@ -205,9 +225,10 @@ def _pairwise_sq_distances(flat: jax.Array) -> jax.Array:
 def krum_scores(flat: jax.Array, valid: jax.Array, num_byzantine: jax.Array) -> jax.Array:
   """Krum scores (Blanchard et al., NeurIPS 2017, Sec. 4).
 
-  ``score_i = sum of the squared distances from m_i to its n - f - 2 closest other
-  valid clients`` (at least 1 neighbour), ``n`` the number of valid clients and
-  ``f = num_byzantine``. Invalid clients score ``inf``.
+  ``score_i = sum_{i -> j} ||m_i - m_j||^2`` over the ``n - f - 2`` valid clients
+  ``j != i`` closest to ``m_i``, ``n`` the number of valid clients and
+  ``f = num_byzantine``. The paper assumes ``n > 2f + 2``; outside it the neighbour
+  count is clamped to ``[1, n - 1]``. Invalid clients score ``inf``.
 
   Args:
     flat: ``[C, D]`` client messages.
@@ -229,26 +250,40 @@ def krum_scores(flat: jax.Array, valid: jax.Array, num_byzantine: jax.Array) -> 
 def _num_byzantine(valid, num_byzantine, byzantine_fraction):
   if num_byzantine is not None:
     return jnp.asarray(num_byzantine, jnp.int32)
+  if byzantine_fraction is None:
+    return jnp.zeros((), jnp.int32)
   n = jnp.sum(valid.astype(jnp.int32))
   return jnp.floor(byzantine_fraction * n).astype(jnp.int32)
 
 
+def _check_byzantine(num_byzantine, byzantine_fraction):
+  if num_byzantine is not None and byzantine_fraction is not None:
+    raise ValueError(f"Give f as num_byzantine (a count) or as byzantine_fraction, not "
+                     f"both (got num_byzantine={num_byzantine}, "
+                     f"byzantine_fraction={byzantine_fraction}).")
+  if num_byzantine is not None and num_byzantine < 0:
+    raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}.")
+  if byzantine_fraction is not None:
+    hyperparams.check(byzantine_fraction, lambda f: 0.0 <= f < 1.0,
+                      f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}.")
+
+
 def multi_krum(num_selected: Optional[int] = None, num_byzantine: Optional[int] = None,
-               byzantine_fraction: float = 0.0, weighted: bool = True) -> Aggregator:
+               byzantine_fraction: Optional[float] = None,
+               weighted: bool = False) -> Aggregator:
   """Multi-Krum (Blanchard et al., NeurIPS 2017): mean of the ``m`` best-scored clients.
 
-  ``f`` is ``num_byzantine`` if given, else ``floor(byzantine_fraction * n)`` for the
-  ``n`` valid clients of the round; ``m = num_selected`` or, if None, ``n - f``.
-  The selected messages are averaged with the client weights (``weighted``).
-  Ties in score go to the lower cohort position. ``byzantine_fraction`` may be a
-  scalar array; ``num_selected`` and ``num_byzantine`` are Python ints (or None).
+  ``f`` is the count ``num_byzantine``, or ``floor(byzantine_fraction * n)`` for the
+  ``n`` valid clients of the round (at most one of the two; neither: ``f = 0``).
+  Scores are ``krum_scores``; ``m = num_selected`` or, if None, ``n - f``. The
+  selected messages are averaged unweighted, as in the paper (``weighted=True``:
+  with the client weights). Ties in score go to the lower cohort position.
+  ``byzantine_fraction`` may be a scalar array; ``num_selected`` and
+  ``num_byzantine`` are Python ints (or None).
   """
   if num_selected is not None and num_selected < 1:
     raise ValueError(f"multi_krum needs num_selected >= 1 (or None for n - f), got {num_selected}.")
-  if num_byzantine is not None and num_byzantine < 0:
-    raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}.")
-  hyperparams.check(byzantine_fraction, lambda f: 0.0 <= f < 1.0,
-                    f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}.")
+  _check_byzantine(num_byzantine, byzantine_fraction)
 
   def update(messages, weights, state, collectives=None):
     messages, weights = gather_clients((messages, weights), collectives)
@@ -268,8 +303,13 @@ def multi_krum(num_selected: Optional[int] = None, num_byzantine: Optional[int] 
   return Aggregator(init=lambda: (), update=update)
 
 
-def krum(num_byzantine: Optional[int] = None, byzantine_fraction: float = 0.0) -> Aggregator:
-  """Krum (Blanchard et al., NeurIPS 2017): the single message with the lowest score."""
+def krum(num_byzantine: Optional[int] = None,
+         byzantine_fraction: Optional[float] = None) -> Aggregator:
+  """Krum (Blanchard et al., NeurIPS 2017): the single message with the lowest score.
+
+  ``f`` as in ``multi_krum``: the count ``num_byzantine`` or
+  ``floor(byzantine_fraction * n)``. The weights only mark the valid clients.
+  """
   return multi_krum(1, num_byzantine, byzantine_fraction)
 
 
@@ -299,7 +339,10 @@ def weiszfeld(flat: jax.Array, weights: jax.Array, iterations: int, nu: float = 
 def geometric_median(iterations: int = 10, nu: float = 1e-6, weighted: bool = True) -> Aggregator:
   """Geometric median of the whole messages (RFA: Pillutla, Kakade, Harchaoui 2022).
 
-  ``argmin_z sum_i w_i ||z - m_i||`` by ``iterations`` smoothed Weiszfeld steps.
+  ``argmin_z sum_i alpha_i ||z - m_i||`` by ``iterations`` smoothed Weiszfeld steps.
+  ``alpha_i`` are the client weights by default, as RFA's (proportional to the
+  example counts); ``weighted=False``: 1 for every valid client (the unweighted
+  geometric median). Padding clients (weight 0) are left out either way.
   """
   if iterations < 1:
     raise ValueError(f"geometric_median needs iterations >= 1, got {iterations}.")

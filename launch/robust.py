@@ -1,24 +1,58 @@
 """Robustness and privacy from a config: byzantine clients, robust aggregation, DP-FedAvg.
 
-``apply_robustness(method, config)`` reads these keys (an absent key changes nothing):
+``apply_robustness(method, config)`` reads these keys. ``launch/configs/shared.py``
+(``add_robustness``) adds them to every ``launch.train`` config with the values below,
+which turn everything off; an absent key takes the same value, so a config without
+them, or with them off, leaves the method unchanged.
 
-=========================  ===========================================================
-key                        meaning
-=========================  ===========================================================
-``aggregator``             ``mean`` (default) or one of ``AGGREGATORS`` (incl. ``rffl``)
-``attack``                 ``none`` or one of ``byzantine.ATTACKS``
-``attack_scale``           the attack's strength (``byzantine`` module table)
-``malicious_fraction``     share of the population that is malicious
-``dp.clip``                DP-FedAvg clip norm C (turns DP on)
-``dp.noise_multiplier``    z (0: clipping only)
-=========================  ===========================================================
+===============================  =========================================================
+key (default)                    meaning
+===============================  =========================================================
+``aggregator`` (``mean``)        ``mean`` or one of ``AGGREGATORS`` (incl. ``rffl``)
+``robust_weighted`` (None)       None: each aggregator's convention (next table); True /
+                                 False: weighted / unweighted for all that take it
+``trim_fraction`` (0.2)          ``trimmed_mean``'s beta, trimmed from each end
+``krum_byzantine`` (None)        Krum / Multi-Krum's f as a count
+``krum_byzantine_fraction``      f as ``floor(fraction * n)``, ``n`` the round's valid
+(None)                           clients; neither key: ``malicious_fraction``; both: error
+``multi_krum_selected`` (None)   Multi-Krum's m; None: ``n - f``
+``geometric_median_iterations``  Weiszfeld steps (10)
+``norm_bound`` (1.0)             ``norm_bounded``'s M
+``attack`` (``none``)            ``none`` or one of ``byzantine.ATTACKS``
+``attack_scale`` (None)          the attack's strength; None: its default (``byzantine``)
+``malicious_fraction`` (0.0)     share of the population that is malicious
+``attack_seed`` (None)           chooses the malicious set; None: ``seed``
+``num_classes`` (10)             ``label_flip``: ``y -> num_classes - 1 - y``
+``dp.clip`` (None)               DP-FedAvg clip norm C (turns DP on)
+``dp.noise_multiplier`` (0.0)    z (0: clipping only)
+===============================  =========================================================
 
-and, when present, the options ``attack_seed`` (default ``seed``), ``num_classes``
-(label flipping, default 10), ``trim_fraction``, ``krum_byzantine_fraction`` (default
-``malicious_fraction``), ``multi_krum_selected``, ``geometric_median_iterations``,
-``norm_bound``, ``robust_weighted``, ``rffl_alpha`` / ``rffl_beta`` / ``rffl_clip`` /
-``rffl_personalized``, ``dp.adaptive``, ``dp.target_quantile``, ``dp.clip_lr``,
-``dp.count_noise``, ``dp.delta``.
+and ``dp.delta``, ``dp.adaptive``, ``dp.target_quantile``, ``dp.clip_lr``,
+``dp.count_noise`` (shared.py), ``rffl_alpha`` / ``rffl_beta`` / ``rffl_clip`` /
+``rffl_personalized`` (``launch/configs/robust_digits.py``).
+
+The aggregators, over the ``n`` valid clients of a round (weight ``w_i > 0``; padding
+clients, weight 0, never count), ``fedjax_lab.aggregate``:
+
+====================  ======================================================  ============
+aggregator            statistic                                               weighting
+====================  ======================================================  ============
+``median``            coordinate-wise median, ``np.median`` (Yin et al. 2018)  unweighted
+``trimmed_mean``      per coordinate, drop the ``floor(beta n)`` largest and   unweighted
+                      smallest, mean of the rest (Yin et al. 2018)
+``krum``              the message of lowest score; ``score_i`` = sum of its    none
+                      ``n - f - 2`` smallest squared distances to the others
+                      (Blanchard et al. 2017)
+``multi_krum``        mean of the ``m`` lowest-scored messages                 unweighted
+``geometric_median``  ``argmin_z sum_i alpha_i ||z - m_i||`` (RFA, Weiszfeld)  weighted
+``norm_bounded``      ``sum_i w_i clip_M(m_i) / sum_i w_i`` (Sun et al. 2019)  weighted
+====================  ======================================================  ============
+
+Weighted (``robust_weighted=True``; ``weighted=True`` in code) uses the client weights
+``w_i``, the example counts under the default ``weighting``: the weighted median (the
+sorted value where the cumulative weight reaches half the total), the trimmed mean that
+drops weight ``beta W`` from each end, Multi-Krum's mean weighted by ``w_i``,
+``alpha_i = w_i``. Unweighted gives every valid client the weight 1.
 
 The wrappers apply in the order aggregator, DP, attack: the attack is outermost, so
 its clients misbehave whatever the server does, and DP's clipping bounds even a
@@ -29,6 +63,7 @@ from typing import Any, Optional
 
 from fedjax_lab import aggregate, byzantine, privacy
 from fedjax_lab.algorithm import FederatedAlgorithm
+from launch.configs import shared
 
 AGGREGATORS = aggregate.AGGREGATORS + ("rffl",)
 DEFAULT_DELTA = 1e-5
@@ -52,27 +87,54 @@ def _dp(config) -> Optional[Any]:
   return dp
 
 
+_DEFAULTS = shared.defaults()
+
+
+def _option(config, key, section: Optional[str] = None):
+  """``config[key]``, or shared.py's default when it is absent or None."""
+  defaults = _DEFAULTS if section is None else _DEFAULTS[section]
+  return _get(config, key, defaults[key])
+
+
+def krum_byzantine(config) -> dict:
+  """Krum's f from ``config``: ``{'num_byzantine': f}`` or ``{'byzantine_fraction': r}``.
+
+  ``krum_byzantine`` is a count, ``krum_byzantine_fraction`` a fraction of the round's
+  valid clients; at most one may be set. Neither: ``malicious_fraction``.
+  """
+  count = _option(config, "krum_byzantine")
+  fraction = _option(config, "krum_byzantine_fraction")
+  if count is not None and fraction is not None:
+    raise ValueError(f"Give Krum's f once: krum_byzantine={count} (a count) or "
+                     f"krum_byzantine_fraction={fraction} (a fraction), not both.")
+  if count is not None:
+    if isinstance(count, bool) or float(count) != int(count) or count < 0:
+      raise ValueError(f"krum_byzantine is a count of clients (an int >= 0), got {count!r}.")
+    return {"num_byzantine": int(count)}
+  if fraction is None:
+    fraction = _option(config, "malicious_fraction")
+  return {"byzantine_fraction": float(fraction)}
+
+
 def make_aggregator(name: str, config) -> Any:
-  """The aggregator ``name`` with its options read from ``config``."""
-  weighted = bool(_get(config, "robust_weighted", True))
+  """The aggregator ``name`` with its options read from ``config`` (module tables)."""
+  weighted = _option(config, "robust_weighted")
+  kw = {} if weighted is None else {"weighted": bool(weighted)}   # None: the library's
   if name == "mean":
     return aggregate.weighted_mean()
   if name == "median":
-    return aggregate.coordinate_median(weighted)
+    return aggregate.coordinate_median(**kw)
   if name == "trimmed_mean":
-    return aggregate.trimmed_mean(float(_get(config, "trim_fraction", 0.2)), weighted)
-  if name in ("krum", "multi_krum"):
-    fraction = float(_get(config, "krum_byzantine_fraction",
-                          _get(config, "malicious_fraction", 0.0)))
-    if name == "krum":
-      return aggregate.krum(byzantine_fraction=fraction)
-    return aggregate.multi_krum(_get(config, "multi_krum_selected"), byzantine_fraction=fraction,
-                                weighted=weighted)
+    return aggregate.trimmed_mean(float(_option(config, "trim_fraction")), **kw)
+  if name == "krum":
+    return aggregate.krum(**krum_byzantine(config))
+  if name == "multi_krum":
+    return aggregate.multi_krum(_option(config, "multi_krum_selected"),
+                                **krum_byzantine(config), **kw)
   if name == "geometric_median":
-    return aggregate.geometric_median(int(_get(config, "geometric_median_iterations", 10)),
-                                      weighted=weighted)
+    return aggregate.geometric_median(int(_option(config, "geometric_median_iterations")), **kw)
   if name == "norm_bounded":
-    return aggregate.norm_bounded_mean(float(_get(config, "norm_bound", 1.0)), weighted)
+    return aggregate.norm_bounded_mean(float(_option(config, "norm_bound")), **kw)
   raise ValueError(f"Unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}.")
 
 
@@ -83,9 +145,10 @@ def apply_robustness(method: FederatedAlgorithm, config) -> FederatedAlgorithm:
     ValueError: unknown aggregator/attack names, bad values, or DP combined with a
       robust aggregator (DP-FedAvg's noisy sum replaces the aggregator).
   """
-  name = _get(config, "aggregator", "mean")
+  name = _option(config, "aggregator")
   if name not in AGGREGATORS:
     raise ValueError(f"Unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}.")
+  krum_byzantine(config)   # both of Krum's f keys set is an error whatever the aggregator
   dp = _dp(config)
   if dp is not None and name != "mean":
     raise ValueError(f"DP-FedAvg replaces the aggregator with a clipped, noised sum; use "
@@ -100,23 +163,24 @@ def apply_robustness(method: FederatedAlgorithm, config) -> FederatedAlgorithm:
 
   if dp is not None:
     adaptive = None
-    if _get(dp, "adaptive", False):
-      adaptive = privacy.AdaptiveClip(float(_get(dp, "target_quantile", 0.5)),
-                                      float(_get(dp, "clip_lr", 0.2)), _get(dp, "count_noise"))
+    if _option(dp, "adaptive", "dp"):
+      adaptive = privacy.AdaptiveClip(float(_option(dp, "target_quantile", "dp")),
+                                      float(_option(dp, "clip_lr", "dp")),
+                                      _option(dp, "count_noise", "dp"))
     aggregator = privacy.dp_fedavg_aggregator(
-        float(dp.clip), float(_get(dp, "noise_multiplier", 0.0)),
+        float(dp.clip), float(_option(dp, "noise_multiplier", "dp")),
         float(_get(config, "clients_per_round")), int(_get(config, "seed", 0)) + 7919, adaptive)
     method = dataclasses.replace(method, aggregator=aggregator)
 
-  attack = _get(config, "attack", "none")
-  fraction = float(_get(config, "malicious_fraction", 0.0))
+  attack = _option(config, "attack")
+  fraction = float(_option(config, "malicious_fraction"))
   if attack not in byzantine.ATTACKS:
     raise ValueError(f"Unknown attack {attack!r}; choose one of {', '.join(byzantine.ATTACKS)}.")
   if attack != "none" and fraction > 0:
     method = byzantine.with_attack(
-        method, attack, fraction, _get(config, "attack_scale"),
+        method, attack, fraction, _option(config, "attack_scale"),
         int(_get(config, "attack_seed", _get(config, "seed", 0))),
-        int(_get(config, "num_classes", 10)))
+        int(_option(config, "num_classes")))
   return method
 
 

@@ -88,15 +88,16 @@ def np_krum_scores(x, f):
 @pytest.mark.parametrize("count", [7, 8])
 def test_median_equals_numpy_unweighted_and_weighted(count):
   m, w = stacked(count)
-  out, _ = run_agg(aggregate.coordinate_median(weighted=False), m, w)
+  out, _ = run_agg(aggregate.coordinate_median(), m, w)
   for k in m:
     np.testing.assert_allclose(out[k], np.median(m[k], axis=0), atol=1e-6)
-  out, _ = run_agg(aggregate.coordinate_median(), m, w)
+  out, _ = run_agg(aggregate.coordinate_median(weighted=True), m, w)
   for k in m:
     np.testing.assert_allclose(out[k], np_weighted_median(m[k].astype(np.float64), w), atol=1e-6)
   # Integer weights that tie at half the total average the two neighbours.
   tie = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
-  out, _ = run_agg(aggregate.coordinate_median(), {"v": tie}, np.array([1, 2, 2, 1], np.float32))
+  out, _ = run_agg(aggregate.coordinate_median(weighted=True), {"v": tie},
+                   np.array([1, 2, 2, 1], np.float32))
   assert out["v"] == pytest.approx(2.5)
 
 
@@ -104,11 +105,11 @@ def test_median_equals_numpy_unweighted_and_weighted(count):
 def test_trimmed_mean_equals_numpy(beta):
   m, w = stacked(9, seed=1)
   k = int(np.floor(beta * 9))
-  out, _ = run_agg(aggregate.trimmed_mean(beta, weighted=False), m, w)
+  out, _ = run_agg(aggregate.trimmed_mean(beta), m, w)
   for key in m:
     ref = np.mean(np.sort(m[key], axis=0)[k:9 - k], axis=0)
     np.testing.assert_allclose(out[key], ref, atol=1e-6)
-  out, _ = run_agg(aggregate.trimmed_mean(beta), m, w)
+  out, _ = run_agg(aggregate.trimmed_mean(beta, weighted=True), m, w)
   for key in m:
     ref = np_weighted_trimmed_mean(m[key].astype(np.float64), w.astype(np.float64), beta * w.sum())
     np.testing.assert_allclose(out[key], ref, atol=1e-5)
@@ -125,10 +126,13 @@ def test_krum_scores_by_hand_and_planted_honest_client():
     out, _ = run_agg(aggregate.krum(num_byzantine=f), m, w)
     best = int(np.argmin(np_krum_scores(x, f)))
     np.testing.assert_allclose(rows(jax.tree.map(lambda v: v[None], out))[0], x[best], atol=1e-6)
-  # Multi-Krum: weighted mean of the m best-scored clients.
+  # Multi-Krum: the (unweighted) mean of the m best-scored clients; weighted: by w.
   scores = np_krum_scores(x, 2)
   chosen = np.argsort(scores, kind="stable")[:3]
   out, _ = run_agg(aggregate.multi_krum(3, num_byzantine=2), m, w)
+  np.testing.assert_allclose(rows(jax.tree.map(lambda v: v[None], out))[0], x[chosen].mean(0),
+                             atol=1e-5)
+  out, _ = run_agg(aggregate.multi_krum(3, num_byzantine=2, weighted=True), m, w)
   ref = (w[chosen] @ x[chosen]) / w[chosen].sum()
   np.testing.assert_allclose(rows(jax.tree.map(lambda v: v[None], out))[0], ref, atol=1e-5)
   # Planted: 5 honest points near 1, client 3 exactly at their centre; 2 attackers far away.
@@ -167,9 +171,9 @@ def all_aggregators():
   return {
       "mean": aggregate.weighted_mean(),
       "median": aggregate.coordinate_median(),
-      "median_unweighted": aggregate.coordinate_median(weighted=False),
+      "median_weighted": aggregate.coordinate_median(weighted=True),
       "trimmed_mean": aggregate.trimmed_mean(0.2),
-      "trimmed_mean_unweighted": aggregate.trimmed_mean(0.2, weighted=False),
+      "trimmed_mean_weighted": aggregate.trimmed_mean(0.2, weighted=True),
       "krum": aggregate.krum(byzantine_fraction=0.2),
       "multi_krum": aggregate.multi_krum(byzantine_fraction=0.2),
       "geometric_median": aggregate.geometric_median(),

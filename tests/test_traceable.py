@@ -299,8 +299,8 @@ def stacked(count=6, seed=0):
 
 
 @pytest.mark.parametrize("make,value", [
-    (lambda v: aggregate.trimmed_mean(v), 0.2),
-    (lambda v: aggregate.trimmed_mean(v, weighted=False), 0.25),
+    (lambda v: aggregate.trimmed_mean(v, weighted=True), 0.2),
+    (lambda v: aggregate.trimmed_mean(v), 0.25),
     (lambda v: aggregate.norm_bounded_mean(v), 1.5),
     (lambda v: aggregate.multi_krum(byzantine_fraction=v), 0.3),
     (lambda v: aggregate.geometric_median(iterations=5, nu=v), 0.5),

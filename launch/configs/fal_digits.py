@@ -10,9 +10,12 @@ accuracy of the global model every ``eval_every`` rounds (``robust_accuracy`` = 
     python -m launch.train --config=launch/configs/fal_digits.py --config.algorithm=feddynat
     python -m launch.train --config=launch/configs/fal_digits.py --config.adversarial_base=fedprox
 
-Every algorithm sees the same data, model and robust evaluation.
+Every algorithm sees the same data, model and robust evaluation. The byzantine,
+robust-aggregation and DP keys are shared.py's (``--config.aggregator=median``, ...).
 """
 import ml_collections
+
+from launch.configs import shared
 
 EPS = 0.2
 
@@ -62,4 +65,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.eval_every = 10
   config.checkpoint_every = 0
-  return config
+  return shared.add_robustness(config)

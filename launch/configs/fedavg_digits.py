@@ -2,9 +2,15 @@
 
 100 clients, Dirichlet(0.5) label skew, 10 clients per round.
     python -m launch.train --config=launch/configs/fedavg_digits.py --config.rounds=300
+    python -m launch.train --config.dp.clip=0.5 --config.dp.noise_multiplier=1.0
+    python -m launch.train --config.aggregator=median --config.attack=sign_flip \
+        --config.malicious_fraction=0.2
+The robustness and privacy keys (aggregator, attack, dp.*, ...) are shared.py's.
 """
 import ml_collections
 from ml_collections import config_dict
+
+from launch.configs import shared
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,4 +49,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.eval_every = 20
   config.checkpoint_every = 50
-  return config
+  return shared.add_robustness(config)

@@ -17,7 +17,8 @@ from launch.configs import fedavg_digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-  # Data, model and execution keys are fedavg_digits.py's, so baselines see identical runs.
+  # Data, model, execution and the shared robustness / DP keys are fedavg_digits.py's, so
+  # baselines see identical runs.
   config = fedavg_digits.get_config()
   config.algorithm = "fedhyper_g"
   config.rounds = 100
