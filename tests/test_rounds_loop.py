@@ -19,18 +19,19 @@ def tiny_fedzo(**overrides):
 
 
 def test_zeroth_order_checkpoints_at_every_multiple_whatever_rounds_per_call(tmp_path):
-  # rounds_per_call=10 and checkpoint_every=25: the loop stops at 10, 20, 25, 30, ...
-  config = tiny_fedzo(rounds=50, rounds_per_call=10, checkpoint_every=25)
+  # rounds_per_call=4 and checkpoint_every=6 (neither divides the other): the loop
+  # stops at 4, 6, 8, 12, ...; a loop stepping by 4 alone would save only at 12.
+  config = tiny_fedzo(rounds=18, rounds_per_call=4, checkpoint_every=6)
   state, history, _ = zeroth_order.run(config, str(tmp_path), progress=False)
   saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert saved == [25, 50]
-  assert [h["round"] for h in history] == list(range(1, 51))
-  # Resuming from round 25 gives the uninterrupted run's numbers.
+  assert saved == [6, 12, 18]
+  assert [h["round"] for h in history] == list(range(1, 19))
+  # Resuming from round 6 gives the uninterrupted run's numbers.
   resumed_dir = tmp_path / "resumed"
-  zeroth_order.run(tiny_fedzo(rounds=25, rounds_per_call=10, checkpoint_every=25),
+  zeroth_order.run(tiny_fedzo(rounds=6, rounds_per_call=4, checkpoint_every=6),
                    str(resumed_dir), progress=False)
   resumed, rest, _ = zeroth_order.run(config, str(resumed_dir), progress=False)
-  assert [h["round"] for h in rest] == list(range(26, 51))
+  assert [h["round"] for h in rest] == list(range(7, 19))
   np.testing.assert_array_equal(np.asarray(resumed.params), np.asarray(state.params))
   assert rest[-1]["objective"] == history[-1]["objective"]
 

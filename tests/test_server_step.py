@@ -32,11 +32,15 @@ def small_example(name):
     config.dim, config.num_clients, config.local_steps = 6, 3, 2
     config.rff_features, config.rff_points, config.rff_candidates = 32, 32, 16
     config.rff_explore, config.buffer_size, config.gp_points = 4, 128, 32
-    config.num_directions = 3
+    config.num_directions, config.lengthscale, config.num_candidates = 3, 1.0, 16
   else:
     config.num_clients, config.hidden, config.local_epochs = 8, (8,), 1
+    config.local_steps, config.batch_size = 2, 16
     if "robust_eval" in config:
       config.robust_eval = None
+    if "adversarial_training" in config:
+      config.adversarial_training.steps = 2
+      config.feddynat.initial_steps, config.feddynat.min_steps = 3, 1
   config.clients_per_round = min(config.clients_per_round, 3)
   return config
 
