@@ -504,7 +504,11 @@ def fedhyper(example_loss, client_lr: float, server_lr: float = 1.0,
 # ---------------------------------------------------------------------- from config
 
 def server_optimizer_from_config(config) -> optax.GradientTransformation:
-  """``config.server_optimizer`` in SERVER_OPTIMIZERS at ``config.server_lr``."""
+  """``config.server_optimizer`` in SERVER_OPTIMIZERS at ``config.server_lr``.
+
+  'adam' / 'yogi' / 'adagrad' are ``fedopt.server_optimizer`` in the convention
+  ``config.server_convention`` (default 'reddi': Reddi et al.'s Algorithm 2; 'optax').
+  """
   kind = config.get("server_optimizer", "sgd")
   if kind == "sgd":
     return optax.sgd(config.server_lr)
@@ -512,7 +516,8 @@ def server_optimizer_from_config(config) -> optax.GradientTransformation:
     return optax.sgd(config.server_lr, momentum=config.get("server_momentum", 0.9))
   if kind in fedopt.SERVER_OPTIMIZERS:
     return fedopt.server_optimizer(kind, config.server_lr, config.get("server_b1", 0.9),
-                                   config.get("server_b2", 0.99), config.get("server_tau", 1e-3))
+                                   config.get("server_b2", 0.99), config.get("server_tau", 1e-3),
+                                   config.get("server_convention", "reddi"))
   raise ValueError(f"Unknown server_optimizer {kind!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}.")
 
 

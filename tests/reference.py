@@ -56,6 +56,40 @@ def local_sgd(params, x, y, lr, batch_size, epochs, mu=0.0, correction=None):
   return w, steps
 
 
+def reddi_init(params, tau, initial_v=None):
+  """Algorithm 2's starting moments (m, v) in float64: m = 0, v = tau^2 (or ``initial_v``)."""
+  x = to_numpy(params)
+  v0 = tau ** 2 if initial_v is None else initial_v
+  return ({k: np.zeros_like(v) for k, v in x.items()},
+          {k: np.full_like(v, v0) for k, v in x.items()})
+
+
+def reddi_step(kind, x, m, v, delta, lr, b1, b2, tau):
+  """One server step of Reddi et al. (ICLR 2021), Algorithm 2, in float64.
+
+  ``delta`` is the averaged client update Delta_t (not the pseudo-gradient):
+      m = b1 m + (1 - b1) Delta
+      adagrad: v = v + Delta^2;  adam: v = b2 v + (1 - b2) Delta^2
+      yogi:    v = v - (1 - b2) Delta^2 sign(v - Delta^2)
+      x = x + lr m / (sqrt(v) + tau)
+  Returns (x, m, v).
+  """
+  x2, m2, v2 = {}, {}, {}
+  for k in x:
+    d = np.asarray(delta[k], np.float64)
+    m2[k] = b1 * m[k] + (1 - b1) * d
+    if kind == "adagrad":
+      v2[k] = v[k] + d * d
+    elif kind == "adam":
+      v2[k] = b2 * v[k] + (1 - b2) * d * d
+    elif kind == "yogi":
+      v2[k] = v[k] - (1 - b2) * d * d * np.sign(v[k] - d * d)
+    else:
+      raise ValueError(kind)
+    x2[k] = np.asarray(x[k], np.float64) + lr * m2[k] / (np.sqrt(v2[k]) + tau)
+  return x2, m2, v2
+
+
 def tree_close(a, b, atol):
   for k in a:
     np.testing.assert_allclose(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64),

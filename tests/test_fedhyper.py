@@ -21,8 +21,8 @@ from algorithms.scaffold import global_control, scaffold
 from fedjax_lab.algorithm import make_round
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import FederatedData
-from reference import (linear_example_loss, linear_grad, linear_problem, local_sgd, run_rounds,
-                       to_numpy, tree_close)
+from reference import (linear_example_loss, linear_grad, linear_problem, local_sgd, reddi_init,
+                       reddi_step, run_rounds, to_numpy, tree_close)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (5, 3, 7)
@@ -247,19 +247,39 @@ def test_g_on_scaffold_matches_numpy():
   assert abs(acc) > 1e-3
 
 
-def test_g_on_fedadam_is_optax_adam_on_scaled_pseudo_gradient():
+def local_sgd_clients(data):
+  def local(i, xx):
+    c = data.client(i)
+    return local_sgd(xx, c["x"], c["y"], 0.1, 2, 2)[0]
+  return local
+
+
+def test_g_on_fedadam_is_algorithm_2_on_scaled_update():
   data, params = linear_problem(SIZES)
   method = fh.on_top(fedopt(linear_example_loss, "adam", client_lr=0.1, server_lr=0.05,
                             schedule=NO_SHUFFLE), fh.fedhyper_global())
   states = run_rounds(method, data, params, 3)
+  x, (m, v), acc, prev = to_numpy(params), reddi_init(params, 1e-3), 0.0, None
+  for t in range(3):
+    delta, _ = np_mean_delta(data, x, local_sgd_clients(data), SIZES)
+    if t > 0:
+      acc = float(np.clip(acc + dot(prev, delta), -0.8, 4.0))
+    scaled = {k: (1 + acc) * delta[k] for k in x}
+    x, m, v = reddi_step("adam", x, m, v, scaled, 0.05, 0.9, 0.99, 1e-3)
+    prev = delta
+    tree_close(states[t + 1].params, x, atol=1e-5)
+
+
+def test_g_on_fedadam_optax_convention_is_optax_adam_on_scaled_pseudo_gradient():
+  data, params = linear_problem(SIZES)
+  method = fh.on_top(fedopt(linear_example_loss, "adam", client_lr=0.1, server_lr=0.05,
+                            schedule=NO_SHUFFLE, convention="optax"), fh.fedhyper_global())
+  states = run_rounds(method, data, params, 3)
   adam = optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3)
   x = jax.tree.map(jnp.asarray, params)
   opt_state, acc, prev = adam.init(x), 0.0, None
-  def local(i, xx):
-    c = data.client(i)
-    return local_sgd(xx, c["x"], c["y"], 0.1, 2, 2)[0]
   for t in range(3):
-    delta, _ = np_mean_delta(data, to_numpy(x), local, SIZES)
+    delta, _ = np_mean_delta(data, to_numpy(x), local_sgd_clients(data), SIZES)
     if t > 0:
       acc = float(np.clip(acc + dot(prev, delta), -0.8, 4.0))
     scaled = {k: jnp.asarray(-(1 + acc) * delta[k], jnp.float32) for k in x}

@@ -231,10 +231,12 @@ def test_fedhyper_client_injected(hypergradient):
   close(injected, plain)
 
 
+@pytest.mark.parametrize("convention", ["reddi", "optax"])
 @pytest.mark.parametrize("kind", ["adam", "yogi", "adagrad"])
-def test_fedopt_server_optimizer_injected(kind):
+def test_fedopt_server_optimizer_injected(kind, convention):
   hps = {"lr": 0.05, "b1": 0.8, "b2": 0.95, "tau": 1e-2}
-  plain, injected, _, _ = injected_vs_plain(server_optimizer, hps, static={"kind": kind},
+  plain, injected, _, _ = injected_vs_plain(server_optimizer, hps,
+                                            static={"kind": kind, "convention": convention},
                                             steps=3)
   close(injected, plain)
 

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.server_b1 = 0.9
   config.server_b2 = 0.99
   config.server_tau = 1e-3
+  config.server_convention = "reddi"   # fedadam/fedyogi/fedadagrad base: "reddi" | "optax"
   # Robust evaluation of the global model (clean, FGSM, PGD-20), for every algorithm.
   config.robust_eval = ml_collections.ConfigDict(dict(
       eps=EPS, norm="linf", pgd_steps=20, pgd_step_size=EPS / 8, rand_init=True, fgsm=True,

@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.server_b1 = 0.9
   config.server_b2 = 0.99
   config.server_tau = 1e-3
+  config.server_convention = "reddi"   # FedOpt: "reddi" (Alg. 2 of the paper) | "optax"
   # Execution.
   config.backend = "vmap"
   config.chunk_size = config_dict.placeholder(int)   # clients vectorised at once (large cohorts)
