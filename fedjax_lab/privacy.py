@@ -101,7 +101,8 @@ def adaptive_clip_update(clip, unclipped_count, noise, expected_clients, target_
 
 
 def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients: float,
-                         seed: int = 0, adaptive: Optional[AdaptiveClip] = None) -> Aggregator:
+                         seed: int = 0, adaptive: Optional[AdaptiveClip] = None,
+                         noise_cohort_size: Optional[float] = None) -> Aggregator:
   """DP-FedAvg's aggregation (module docstring), with optional adaptive clipping.
 
   Args:
@@ -111,6 +112,11 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     expected_clients: m, expected clients per round (the fixed cohort size here).
     seed: seed of the noise key kept in the aggregator state.
     adaptive: clip adaptation settings, or None for a fixed clip.
+    noise_cohort_size: M, simulate a deployment whose cohorts are M clients (pfl's
+      ``noise_cohort_size``): the noise on the sum of the m simulated clients is
+      ``z clip m / M``, so the mean carries the noise the mean of M clients would.
+      The privacy of such a run is that of the M-client deployment
+      (``report(..., noise_cohort_size=M)``), not of the simulation itself.
 
   ``clip``, ``noise_multiplier``, ``expected_clients`` and the fields of ``adaptive``
   may be scalar arrays (a traced sweep); they are range-checked only when numbers.
@@ -124,6 +130,12 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
                     f"dp noise_multiplier must be >= 0, got {noise_multiplier}.")
   hyperparams.check(expected_clients, lambda m: m > 0,
                     f"expected_clients must be > 0, got {expected_clients}.")
+  if noise_cohort_size is not None:
+    hyperparams.check(noise_cohort_size, lambda n: n >= expected_clients,
+                      f"noise_cohort_size={noise_cohort_size} must be at least the expected "
+                      f"cohort {expected_clients}.")
+  # The noise on the simulated sum, as a share of z clip: m / M with a noise cohort.
+  noise_scale = 1.0 if noise_cohort_size is None else expected_clients / noise_cohort_size
   if adaptive is not None:
     hyperparams.check(adaptive.target_quantile, lambda q: 0.0 <= q <= 1.0,
                       f"target_quantile must be in [0, 1], got {adaptive.target_quantile}.")
@@ -165,7 +177,7 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
     key, noise_key, count_key = jax.random.split(state.key, 3)
     z_update = update_z(state.noise_multiplier)
     leaves, treedef = jax.tree.flatten(total)
-    noisy = [t + (z_update * state.clip) * jax.random.normal(
+    noisy = [t + (noise_scale * z_update * state.clip) * jax.random.normal(
         jax.random.fold_in(noise_key, i), t.shape, t.dtype) for i, t in enumerate(leaves)]
     mean = jax.tree.map(lambda t: t / expected_clients, jax.tree.unflatten(treedef, noisy))
     new_clip = state.clip
@@ -258,15 +270,31 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
 
 
 def report(noise_multiplier: float, clients_per_round: int, num_clients: int, rounds: int,
-           delta: float, sampling: str = "poisson") -> dict:
+           delta: float, sampling: str = "poisson",
+           noise_cohort_size: Optional[int] = None) -> dict:
   """The privacy of ``rounds`` rounds of DP-FedAvg as the run sampled them.
+
+  With ``noise_cohort_size`` M (the aggregator's option of that name) the run's noise
+  is ``z m / M`` times the clip: ``dp_epsilon*`` are this simulation's own, for that
+  effective noise multiplier, and ``dp_noise_cohort_epsilon`` is the epsilon of the
+  deployment the run stands for (Poisson cohorts of rate M / N at noise multiplier z).
 
   Returns:
     ``{'dp_sampling', 'dp_neighboring', 'dp_epsilon_rdp', 'dp_epsilon_pld' (Poisson
     only), 'dp_epsilon' (the smaller valid one), 'dp_delta', 'dp_noise_multiplier',
-    'dp_sampling_rate', 'dp_rounds'}``; epsilon is ``inf`` without noise.
+    'dp_sampling_rate', 'dp_rounds'}`` (+ ``dp_noise_cohort_size``,
+    ``dp_noise_cohort_epsilon``); epsilon is ``inf`` without noise.
   """
   _check_sampling(sampling)
+  if noise_cohort_size is not None:
+    if not clients_per_round <= noise_cohort_size <= num_clients:
+      raise ValueError(f"noise_cohort_size={noise_cohort_size} must be in [clients_per_round="
+                       f"{clients_per_round}, num_clients={num_clients}].")
+    deployment = report(noise_multiplier, noise_cohort_size, num_clients, rounds, delta)
+    own = report(noise_multiplier * clients_per_round / noise_cohort_size, clients_per_round,
+                 num_clients, rounds, delta, sampling)
+    return {**own, "dp_noise_cohort_size": noise_cohort_size,
+            "dp_noise_cohort_epsilon": deployment["dp_epsilon"]}
   q = clients_per_round / num_clients
   out = {"dp_sampling": sampling, "dp_neighboring": NEIGHBORING[sampling],
          "dp_epsilon_rdp": epsilon(noise_multiplier, q, rounds, delta, "rdp", sampling,

@@ -169,7 +169,8 @@ def apply_robustness(method: FederatedAlgorithm, config) -> FederatedAlgorithm:
                                       _option(dp, "count_noise", "dp"))
     aggregator = privacy.dp_fedavg_aggregator(
         float(dp.clip), float(_option(dp, "noise_multiplier", "dp")),
-        float(_get(config, "clients_per_round")), int(_get(config, "seed", 0)) + 7919, adaptive)
+        float(_get(config, "clients_per_round")), int(_get(config, "seed", 0)) + 7919, adaptive,
+        _get(dp, "noise_cohort_size"))
     method = dataclasses.replace(method, aggregator=aggregator)
 
   attack = _option(config, "attack")
@@ -208,7 +209,8 @@ def privacy_report(config, num_clients: int, rounds: Optional[int] = None) -> di
   rounds = int(_get(config, "rounds", 0) if rounds is None else rounds)
   return privacy.report(float(_get(dp, "noise_multiplier", 0.0)),
                         int(_get(config, "clients_per_round")), num_clients, rounds,
-                        float(_get(dp, "delta", DEFAULT_DELTA)), dp_sampling(config))
+                        float(_get(dp, "delta", DEFAULT_DELTA)), dp_sampling(config),
+                        _get(dp, "noise_cohort_size"))
 
 
 def dp_sampling(config) -> Optional[str]:

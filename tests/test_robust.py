@@ -572,3 +572,30 @@ def test_dp_noise_std_is_z_times_clip():
   # The sample std of 20,000 normals is within 2% of sigma with overwhelming probability.
   assert abs(noise.std() / (z * clip) - 1) < 0.02
   assert abs(noise.mean()) < 4 * z * clip / np.sqrt(noise.size)
+
+
+def test_noise_cohort_size_scales_the_noise_and_reports_both_epsilons():
+  import dp_accounting
+  from dp_accounting import pld
+  z, clip, m, big = 1.0, 0.5, 4.0, 40
+  agg = privacy.dp_fedavg_aggregator(clip, z, m, seed=5, noise_cohort_size=big)
+  mean, _ = agg.update({"w": jnp.zeros((2, 20000))}, jnp.ones(2), agg.init(), None)
+  noise = np.asarray(mean["w"]) * m       # noise on the simulated sum: z clip m / M
+  assert abs(noise.std() / (z * clip * m / big) - 1) < 0.02
+  report = privacy.report(z, 4, 1000, 100, 1e-5, "poisson", noise_cohort_size=big)
+
+  def pld_epsilon(q, noise_multiplier):
+    acc = pld.PLDAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(noise_multiplier)), 100))
+    return acc.get_epsilon(1e-5)
+
+  # The deployment: M of N clients at noise multiplier z; this run: m of N at z m / M.
+  deployment = privacy.report(z, big, 1000, 100, 1e-5, "poisson")
+  assert report["dp_noise_cohort_epsilon"] == deployment["dp_epsilon"]
+  assert deployment["dp_epsilon_pld"] == pytest.approx(pld_epsilon(big / 1000, z), rel=1e-12)
+  assert report["dp_epsilon_pld"] == pytest.approx(pld_epsilon(4 / 1000, z * 4 / big),
+                                                   rel=1e-12)
+  assert report["dp_epsilon"] > report["dp_noise_cohort_epsilon"]
+  with pytest.raises(ValueError, match="noise_cohort_size=2 must be at least"):
+    privacy.dp_fedavg_aggregator(clip, z, m, noise_cohort_size=2)

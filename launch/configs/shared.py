@@ -53,4 +53,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.dp.target_quantile = 0.5
   config.dp.clip_lr = 0.2
   config.dp.count_noise = config_dict.placeholder(float)     # None: clients_per_round / 20
+  # Simulate a deployment of M clients per round (noise z clip C / M on the sum of C);
+  # the summary's dp_noise_cohort_epsilon is that deployment's, dp_epsilon this run's.
+  config.dp.noise_cohort_size = config_dict.placeholder(int)
   return config
