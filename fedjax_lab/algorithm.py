@@ -74,14 +74,6 @@ def default_client_final(local: client_lib.LocalResult, message_down: dict,
   return {"delta": delta}, client_state
 
 
-def apply_server_tx(server_tx: optax.GradientTransformation, state: ServerState,
-                    mean_delta: Params) -> ServerState:
-  """``x <- x + server_tx(-mean_delta)``: the pseudo-gradient step of FedOpt (no rule)."""
-  pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
-  updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
-  return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-
-
 @dataclasses.dataclass(frozen=True)
 class FederatedAlgorithm:
   """Pure pieces of one federated method.
@@ -189,10 +181,6 @@ class FederatedAlgorithm:
     return state._replace(params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state, rule_state=rule_state)
 
-  def finish_round(self, state: ServerState, aggregate: dict, cohort_fraction: float
-                   ) -> ServerState:
-    return self.server_step(state, aggregate, cohort_fraction)
-
 
 def aggregate_and_step(algorithm: FederatedAlgorithm, state: ServerState, messages: PyTree,
                        weights: jax.Array, cohort_fraction=1.0) -> tuple[ServerState, dict]:
@@ -294,8 +282,8 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     message_down = algorithm.broadcast(state)
     aggregate, outputs, agg_state = mapper(
         message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
-    state = algorithm.finish_round(state._replace(agg_state=agg_state), aggregate,
-                                   cohort_fraction)
+    state = algorithm.server_step(state._replace(agg_state=agg_state), aggregate,
+                                  cohort_fraction)
     new_rows = outputs["client_state"]
     state = write_rows(state._replace(round=state.round + 1), ids, new_rows)
     weights = outputs["weight"]
