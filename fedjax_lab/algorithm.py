@@ -267,7 +267,6 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
   num_clients = data.num_clients
   sampling.validate_cohort(num_clients, clients_per_round)
   max_examples = int(data.max_client_size)
-  cohort_fraction = clients_per_round / num_clients
 
   def client_fn(message_down, one_client):
     return algorithm.client_update(message_down, one_client, max_examples)
@@ -282,6 +281,9 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     message_down = algorithm.broadcast(state)
     aggregate, outputs, agg_state = mapper(
         message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
+    # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
+    # cohorts, the drawn size for Poisson ones.
+    cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients
     state = algorithm.server_step(state._replace(agg_state=agg_state), aggregate,
                                   cohort_fraction)
     new_rows = outputs["client_state"]
