@@ -230,11 +230,18 @@ def sample_cohort(state: ServerState, num_clients: int, clients_per_round: int,
   ``sampler(key, round) -> ids [C]`` (``sampling.weighted_sampler``,
   ``sampling.schedule_sampler``); None draws C clients uniformly without replacement.
   """
+  ids, client_key, _ = _draw_cohort(state, num_clients, clients_per_round, sampler)
+  return ids, client_key
+
+
+def _draw_cohort(state: ServerState, num_clients: int, clients_per_round: int,
+                 sampler: Optional[sampling.Sampler]) -> tuple[jax.Array, PRNGKey, dict]:
+  """``(ids, client_key, info)``: ``sample_cohort`` plus the sampler's info scalars."""
   sample_key, client_key = jax.random.split(jax.random.fold_in(state.rng, state.round))
   if sampler is None:
-    return sampling.uniform(sample_key, num_clients, clients_per_round), client_key
-  ids, _ = _sampled(sampler, sample_key, state.round)
-  return ids, client_key
+    return sampling.uniform(sample_key, num_clients, clients_per_round), client_key, {}
+  ids, info = _sampled(sampler, sample_key, state.round)
+  return ids, client_key, info
 
 
 def _sampled(sampler, key, round_index) -> tuple[jax.Array, dict]:
@@ -382,12 +389,7 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
                        f"{clients_per_round} needs ({clients_per_round},).")
 
   def round_fn(state: ServerState, arrays, offsets):
-    if sampler is None:
-      ids, client_key = sample_cohort(state, num_clients, clients_per_round)
-      info = {}
-    else:
-      sample_key, client_key = jax.random.split(jax.random.fold_in(state.rng, state.round))
-      ids, info = _sampled(sampler, sample_key, state.round)
+    ids, client_key, info = _draw_cohort(state, num_clients, clients_per_round, sampler)
     ids = pad_cohort(ids, padded, num_clients)
     state, _, metrics = body(state, ids, client_key, arrays, offsets, read_rows, write_rows)
     return state, {**metrics, **info}

@@ -45,6 +45,12 @@ def weighted(rng: jax.Array, weights: jax.Array, clients_per_round: int) -> jax.
                            p=probs).astype(jnp.int32)
 
 
+def _check_schedule_shape(schedule) -> None:
+  if schedule.ndim != 2:
+    raise ValueError(f"A cohort schedule is [rounds, clients_per_round], got shape "
+                     f"{schedule.shape}.")
+
+
 def fixed_schedule(schedule, round_index: jax.Array) -> jax.Array:
   """The cohort of round ``round_index`` from ``schedule [R, C]`` (row ``round % R``).
 
@@ -52,18 +58,14 @@ def fixed_schedule(schedule, round_index: jax.Array) -> jax.Array:
   cohorts of another run) replaces the random draw; ids must be distinct per row.
   """
   schedule = jnp.asarray(schedule, jnp.int32)
-  if schedule.ndim != 2:
-    raise ValueError(f"A cohort schedule is [rounds, clients_per_round], got shape "
-                     f"{schedule.shape}.")
+  _check_schedule_shape(schedule)
   return schedule[jnp.asarray(round_index) % schedule.shape[0]]
 
 
 def validate_schedule(schedule, num_clients: int) -> None:
   """Raises a ValueError naming a bad row of a cohort schedule (ids out of range, repeats)."""
   schedule = np.asarray(schedule)
-  if schedule.ndim != 2:
-    raise ValueError(f"A cohort schedule is [rounds, clients_per_round], got shape "
-                     f"{schedule.shape}.")
+  _check_schedule_shape(schedule)
   validate_cohort(num_clients, schedule.shape[1])
   for r, row in enumerate(schedule):
     if row.min() < 0 or row.max() >= num_clients:
