@@ -32,6 +32,23 @@ Gaussian mechanism, for the sampling the run performs:
   no without-replacement event).
 
 ``report`` gives both accountants' epsilon where valid and the smaller as ``epsilon``.
+
+DP-FTRL (Kairouz, McMahan, Song, Thakkar, Thakurta, Xu, "Practical and Private (Deep)
+Learning without Sampling or Shuffling", ICML 2021, Algorithm 1 with tree restarts,
+Appendix D), ``tree_aggregation_aggregator``: no sampling assumption, only that a
+client joins at most once per tree (``sampling.shuffled_epochs``, one tree per epoch of
+E rounds). The tree's nodes over the rounds of an epoch carry independent noise
+``N(0, (z C)^2 I)``; the noisy prefix sum after tau rounds is
+
+    S~_tau = sum_{s <= tau} sum_{i in cohort_s} clip(Delta_i, C) + sum_{nodes of [1, tau]} noise
+
+(one node per set bit of tau), and round tau releases the mean of the residual
+``(S~_tau - S~_{tau-1}) / m``, so a plain SGD server of rate eta ends the epoch at
+``theta_start - eta S~_E / m``: FTRL with regulariser ``m / (2 eta) ||theta - theta_start||^2``,
+restarted at each epoch from its last model. Accounting: dp-accounting's
+``SingleEpochTreeAggregationDpEvent(z, E)`` per tree, composed over the epochs, with
+replace-by-a-special-record neighbours (one client's clipped update replaced by zero
+moves every node it is in by at most C): RDP (``tree_epsilon``).
 """
 import math
 from typing import NamedTuple, Optional
@@ -45,7 +62,7 @@ from fedjax_lab.transforms import Aggregator, SumStream, as_collectives
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed")
-NEIGHBORING = {"poisson": "add_remove_one", "fixed": "replace_one"}
+NEIGHBORING = {"poisson": "add_remove_one", "fixed": "replace_one", "epochs": "replace_special"}
 
 
 class DPState(NamedTuple):
@@ -190,6 +207,82 @@ def dp_fedavg_aggregator(clip: float, noise_multiplier: float, expected_clients:
   return aggregate_lib.from_stream(SumStream(zero, add, finish), init)
 
 
+class TreeState(NamedTuple):
+  """``key``: the noise key of every tree; ``round``: rounds released so far."""
+  key: jax.Array
+  round: jax.Array
+
+
+def tree_depth(rounds_per_tree: int) -> int:
+  """Levels of a binary tree over ``rounds_per_tree`` leaves: ``ceil(log2(E + 1))``."""
+  return max(int(rounds_per_tree).bit_length(), 1)
+
+
+def tree_prefix_noise(key: jax.Array, tree: jax.Array, prefix: jax.Array, depth: int,
+                      shapes) -> list:
+  """The noise of prefix sum ``[1, prefix]`` of tree ``tree``: unit normals of its nodes.
+
+  The prefix covers one node per set bit ``l`` of ``prefix``: the one at level ``l``
+  with index ``2 (prefix >> (l + 1))`` (it spans ``2^l`` rounds); every node's noise is
+  a fixed function of ``(key, tree, level, index)``, so two prefixes share their
+  common nodes exactly.
+  """
+  tree_key = jax.random.fold_in(key, tree)
+  total = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+  for level in range(depth):
+    present = ((prefix >> level) & 1).astype(jnp.float32)
+    node_key = jax.random.fold_in(jax.random.fold_in(tree_key, level),
+                                  2 * (prefix >> (level + 1)))
+    total = [t + present * jax.random.normal(jax.random.fold_in(node_key, i), s.shape, s.dtype)
+             for i, (t, s) in enumerate(zip(total, shapes))]
+  return total
+
+
+def tree_aggregation_aggregator(clip: float, noise_multiplier: float, clients_per_round: int,
+                                rounds_per_tree: int, seed: int = 0) -> Aggregator:
+  """DP-FTRL's aggregation (module docstring): the clipped sum plus the tree residual noise.
+
+  Args:
+    clip: C, the L2 bound on each client's message.
+    noise_multiplier: z, each node's noise std over C.
+    clients_per_round: m, the cohort size (the fixed denominator).
+    rounds_per_tree: E, rounds between restarts (``sampling.rounds_per_epoch``).
+    seed: seed of the node-noise key.
+
+  Returns:
+    An aggregator with state ``TreeState``; clients with weight 0 are ignored.
+  """
+  hyperparams.check(clip, lambda c: c > 0, f"dp clip must be > 0, got {clip}.")
+  hyperparams.check(noise_multiplier, lambda z: not z < 0,
+                    f"dp noise_multiplier must be >= 0, got {noise_multiplier}.")
+  if rounds_per_tree < 1:
+    raise ValueError(f"rounds_per_tree must be >= 1, got {rounds_per_tree}.")
+  depth = tree_depth(rounds_per_tree)
+
+  def init():
+    return TreeState(key=jax.random.PRNGKey(seed), round=jnp.zeros((), jnp.int32))
+
+  def zero(shapes):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def add(acc, messages, weights, state):
+    clipped, _ = aggregate_lib.clip_clients(messages, clip)
+    total, _ = aggregate_lib.weighted_sum(clipped, (weights > 0).astype(jnp.float32))
+    return jax.tree.map(jnp.add, acc, total)
+
+  def finish(acc, state, collectives=None):
+    total = as_collectives(collectives).sum(acc)
+    leaves, treedef = jax.tree.flatten(total)
+    tree, tau = state.round // rounds_per_tree, state.round % rounds_per_tree
+    now = tree_prefix_noise(state.key, tree, tau + 1, depth, leaves)
+    before = tree_prefix_noise(state.key, tree, tau, depth, leaves)
+    std = noise_multiplier * clip
+    noisy = [(t + std * (a - b)) / clients_per_round for t, a, b in zip(leaves, now, before)]
+    return jax.tree.unflatten(treedef, noisy), state._replace(round=state.round + 1)
+
+  return aggregate_lib.from_stream(SumStream(zero, add, finish), init)
+
+
 # ---------------------------------------------------------------------------
 # Accounting (dp-accounting).
 # ---------------------------------------------------------------------------
@@ -267,6 +360,52 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
   acc.compose(dp_event(noise_multiplier, rounds, sampling_rate, sampling, population))
   return float(acc.get_epsilon(delta))
+
+
+def tree_dp_event(noise_multiplier: float, rounds: int, rounds_per_tree: int):
+  """The ``dp_accounting`` event of ``rounds`` rounds of DP-FTRL restarted every
+  ``rounds_per_tree`` rounds: one tree-aggregation event per tree, composed."""
+  import dp_accounting
+  full, rest = divmod(int(rounds), int(rounds_per_tree))
+  events = []
+  if full:
+    events.append(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, rounds_per_tree), full))
+  if rest:
+    events.append(dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, rest))
+  return dp_accounting.ComposedDpEvent(events)
+
+
+def tree_epsilon(noise_multiplier: float, rounds: int, rounds_per_tree: int,
+                 delta: float) -> float:
+  """epsilon of DP-FTRL (RDP, replace-by-a-special-record neighbours); inf without noise."""
+  import dp_accounting
+  from dp_accounting import rdp
+  if not 0.0 < delta < 1.0:
+    raise ValueError(f"delta must be in (0, 1), got {delta}.")
+  if rounds <= 0:
+    return 0.0
+  if noise_multiplier <= 0:
+    return math.inf
+  acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+  acc.compose(tree_dp_event(noise_multiplier, rounds, rounds_per_tree))
+  return float(acc.get_epsilon(delta))
+
+
+def tree_report(noise_multiplier: float, clients_per_round: int, num_clients: int, rounds: int,
+                delta: float) -> dict:
+  """The privacy of ``rounds`` rounds of DP-FTRL over shuffled epochs of the population:
+  ``report``'s keys (``dp_sampling='epochs'``, ``dp_neighboring='replace_special'``, no
+  PLD: dp-accounting's PLD has no tree event) plus ``dp_mechanism`` and
+  ``dp_rounds_per_tree``."""
+  from fedjax_lab import sampling
+  per_tree = sampling.rounds_per_epoch(num_clients, clients_per_round)
+  eps = tree_epsilon(noise_multiplier, rounds, per_tree, delta)
+  return {"dp_mechanism": "tree_aggregation", "dp_sampling": "epochs",
+          "dp_neighboring": NEIGHBORING["epochs"], "dp_epsilon_rdp": eps, "dp_epsilon": eps,
+          "dp_delta": delta, "dp_noise_multiplier": noise_multiplier,
+          "dp_sampling_rate": clients_per_round / num_clients, "dp_rounds": rounds,
+          "dp_rounds_per_tree": per_tree}
 
 
 def report(noise_multiplier: float, clients_per_round: int, num_clients: int, rounds: int,

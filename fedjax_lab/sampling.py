@@ -2,8 +2,10 @@
 
 ``uniform`` (C distinct clients, each cohort equally likely), ``weighted`` (C distinct
 clients drawn in turn with probability proportional to a weight, e.g. example counts),
-``fixed_schedule`` (the cohorts given ahead, one row per round) and ``poisson`` (each
-client joins with probability q, DP-FedAvg's sampling; padded to a static maximum).
+``fixed_schedule`` (the cohorts given ahead, one row per round), ``poisson`` (each
+client joins with probability q, DP-FedAvg's sampling; padded to a static maximum) and
+``shuffled_epochs`` (each epoch a fresh permutation of the population cut into cohorts,
+so a client joins at most once per epoch: DP-FTRL's participation).
 """
 from typing import Callable
 
@@ -135,3 +137,34 @@ def poisson_sampler(num_clients: int, rate: float,
   """
   max_cohort = poisson_max_cohort(num_clients, rate, overflow_probability)
   return (lambda key, round_index: poisson(key, num_clients, rate, max_cohort)), max_cohort
+
+
+def rounds_per_epoch(num_clients: int, clients_per_round: int) -> int:
+  """Rounds of one ``shuffled_epochs`` epoch: ``floor(N / C)``."""
+  validate_cohort(num_clients, clients_per_round)
+  return num_clients // clients_per_round
+
+
+def shuffled_epochs(key: jax.Array, num_clients: int, clients_per_round: int,
+                    round_index: jax.Array) -> jax.Array:
+  """The cohort of ``round_index`` when epochs are permutations of the population.
+
+  Epoch ``e = round // E`` (``E = rounds_per_epoch``) permutes the N clients with
+  ``fold_in(key, e)`` and round ``e E + j`` takes slice ``j`` of C ids; the last
+  ``N mod C`` ids of a permutation sit that epoch out. Within an epoch no client joins
+  twice, whatever the key: the participation DP-FTRL's accounting assumes.
+  """
+  per_epoch = rounds_per_epoch(num_clients, clients_per_round)
+  round_index = jnp.asarray(round_index)
+  order = jax.random.permutation(jax.random.fold_in(key, round_index // per_epoch), num_clients)
+  start = (round_index % per_epoch) * clients_per_round
+  return jax.lax.dynamic_slice(order, (start,), (clients_per_round,)).astype(jnp.int32)
+
+
+def shuffled_epochs_sampler(num_clients: int, clients_per_round: int, seed: int = 0) -> Sampler:
+  """Cohorts by ``shuffled_epochs`` with the epochs' key fixed by ``seed`` (the round's
+  own key is not used: every round of an epoch must see the same permutation)."""
+  rounds_per_epoch(num_clients, clients_per_round)   # validates the cohort
+  key = jax.random.PRNGKey(seed)
+  return lambda _, round_index: shuffled_epochs(key, num_clients, clients_per_round,
+                                                round_index)

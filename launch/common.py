@@ -76,7 +76,7 @@ def build(config) -> Experiment:
   init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
   method = algorithms.build(config.algorithm, config, example_loss)
   # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
-  method = robust.apply_robustness(method, config)
+  method = robust.apply_robustness(method, config, train_data.num_clients)
   return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
 
 
@@ -115,6 +115,10 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
     sampler, cohort_slots = sampling.poisson_sampler(
         exp.train_data.num_clients, config.clients_per_round / exp.train_data.num_clients)
     sampling_info = {"dp_cohort_slots": cohort_slots, "dp_overflow_probability": 1e-9}
+  elif robust.dp_sampling(config) == "epochs":
+    # DP-FTRL's participation: each epoch a permutation of the population, C per round.
+    sampler = sampling.shuffled_epochs_sampler(exp.train_data.num_clients,
+                                               config.clients_per_round, config.seed + 104729)
   opts = training.TrainOptions(
       rounds=config.rounds, clients_per_round=cohort_slots, backend=config.backend,
       sampler=sampler,

@@ -23,8 +23,12 @@ key (default)                    meaning
 ``malicious_fraction`` (0.0)     share of the population that is malicious
 ``attack_seed`` (None)           chooses the malicious set; None: ``seed``
 ``num_classes`` (10)             ``label_flip``: ``y -> num_classes - 1 - y``
-``dp.clip`` (None)               DP-FedAvg clip norm C (turns DP on)
+``dp.clip`` (None)               DP clip norm C (turns DP on)
 ``dp.noise_multiplier`` (0.0)    z (0: clipping only)
+``dp.mechanism`` (``gaussian``)  ``gaussian``: DP-FedAvg; ``tree``: DP-FTRL (tree
+                                 aggregation over shuffled epochs, ``privacy``)
+``dp.sampling`` (None)           ``poisson`` / ``fixed`` (gaussian; None: poisson) or
+                                 ``epochs`` (tree; None: epochs)
 ===============================  =========================================================
 
 and ``dp.delta``, ``dp.adaptive``, ``dp.target_quantile``, ``dp.clip_lr``,
@@ -61,7 +65,7 @@ malicious client's influence.
 import dataclasses
 from typing import Any, Optional
 
-from fedjax_lab import aggregate, byzantine, privacy
+from fedjax_lab import aggregate, byzantine, privacy, sampling
 from fedjax_lab.algorithm import FederatedAlgorithm
 from launch.configs import shared
 
@@ -138,8 +142,26 @@ def make_aggregator(name: str, config) -> Any:
   raise ValueError(f"Unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}.")
 
 
-def apply_robustness(method: FederatedAlgorithm, config) -> FederatedAlgorithm:
-  """``method`` with the config's aggregator, DP-FedAvg and byzantine clients.
+MECHANISMS = ("gaussian", "tree")
+
+
+def dp_mechanism(config) -> Optional[str]:
+  """``dp.mechanism`` (``'gaussian'`` DP-FedAvg or ``'tree'`` DP-FTRL); None without DP."""
+  dp = _dp(config)
+  if dp is None:
+    return None
+  mechanism = _get(dp, "mechanism", "gaussian")
+  if mechanism not in MECHANISMS:
+    raise ValueError(f"Unknown dp.mechanism {mechanism!r}; choose one of {', '.join(MECHANISMS)}.")
+  return mechanism
+
+
+def apply_robustness(method: FederatedAlgorithm, config,
+                     num_clients: Optional[int] = None) -> FederatedAlgorithm:
+  """``method`` with the config's aggregator, DP-FedAvg / DP-FTRL and byzantine clients.
+
+  ``num_clients`` (the population N; default ``config.num_clients``) sets DP-FTRL's
+  rounds per tree, ``floor(N / clients_per_round)``.
 
   Raises:
     ValueError: unknown aggregator/attack names, bad values, or DP combined with a
@@ -161,7 +183,18 @@ def apply_robustness(method: FederatedAlgorithm, config) -> FederatedAlgorithm:
   elif name != "mean":
     method = dataclasses.replace(method, aggregator=make_aggregator(name, config))
 
-  if dp is not None:
+  if dp is not None and dp_mechanism(config) == "tree":
+    dp_sampling(config)    # validates the pairing of mechanism and sampling
+    for key in ("adaptive", "noise_cohort_size"):
+      if _get(dp, key):
+        raise ValueError(f"dp.{key} is a DP-FedAvg option; dp.mechanism='tree' has no {key}.")
+    population = int(num_clients if num_clients is not None else _get(config, "num_clients"))
+    cohort = int(_get(config, "clients_per_round"))
+    aggregator = privacy.tree_aggregation_aggregator(
+        float(dp.clip), float(_option(dp, "noise_multiplier", "dp")), cohort,
+        sampling.rounds_per_epoch(population, cohort), int(_get(config, "seed", 0)) + 7919)
+    method = dataclasses.replace(method, aggregator=aggregator)
+  elif dp is not None:
     adaptive = None
     if _option(dp, "adaptive", "dp"):
       adaptive = privacy.AdaptiveClip(float(_option(dp, "target_quantile", "dp")),
@@ -207,6 +240,10 @@ def privacy_report(config, num_clients: int, rounds: Optional[int] = None) -> di
   if dp is None:
     return {}
   rounds = int(_get(config, "rounds", 0) if rounds is None else rounds)
+  if dp_mechanism(config) == "tree":
+    return privacy.tree_report(float(_get(dp, "noise_multiplier", 0.0)),
+                               int(_get(config, "clients_per_round")), num_clients, rounds,
+                               float(_get(dp, "delta", DEFAULT_DELTA)))
   return privacy.report(float(_get(dp, "noise_multiplier", 0.0)),
                         int(_get(config, "clients_per_round")), num_clients, rounds,
                         float(_get(dp, "delta", DEFAULT_DELTA)), dp_sampling(config),
@@ -214,13 +251,22 @@ def privacy_report(config, num_clients: int, rounds: Optional[int] = None) -> di
 
 
 def dp_sampling(config) -> Optional[str]:
-  """How a DP run samples its cohorts: ``dp.sampling`` (default ``'poisson'``); None
-  without DP (cohorts are then fixed-size uniform samples)."""
-  dp = _dp(config)
-  if dp is None:
+  """How a DP run samples its cohorts: ``dp.sampling``, by default ``'poisson'`` for
+  DP-FedAvg and ``'epochs'`` (``sampling.shuffled_epochs``, the only one its
+  accounting holds for) for DP-FTRL; None without DP (cohorts are then fixed-size
+  uniform samples)."""
+  mechanism = dp_mechanism(config)
+  if mechanism is None:
     return None
-  sampling = _get(dp, "sampling", "poisson")
-  if sampling not in privacy.SAMPLINGS:
-    raise ValueError(f"Unknown dp.sampling {sampling!r}; choose one of "
-                     f"{', '.join(privacy.SAMPLINGS)}.")
-  return sampling
+  chosen = _get(_dp(config), "sampling")
+  if mechanism == "tree":
+    if chosen not in (None, "epochs"):
+      raise ValueError(f"dp.mechanism='tree' (DP-FTRL) is accounted for shuffled epochs only; "
+                       f"dp.sampling={chosen!r} is not (use 'epochs' or leave it unset).")
+    return "epochs"
+  chosen = chosen or "poisson"
+  if chosen not in privacy.SAMPLINGS:
+    raise ValueError(f"Unknown dp.sampling {chosen!r} for dp.mechanism='gaussian'; choose "
+                     f"one of {', '.join(privacy.SAMPLINGS)} ('epochs' goes with "
+                     f"dp.mechanism='tree').")
+  return chosen

@@ -599,3 +599,98 @@ def test_noise_cohort_size_scales_the_noise_and_reports_both_epsilons():
   assert report["dp_epsilon"] > report["dp_noise_cohort_epsilon"]
   with pytest.raises(ValueError, match="noise_cohort_size=2 must be at least"):
     privacy.dp_fedavg_aggregator(clip, z, m, noise_cohort_size=2)
+
+
+def test_shuffled_epochs_take_each_client_at_most_once_per_epoch():
+  from fedjax_lab import sampling
+  n, c = 11, 3                                    # 3 rounds per epoch, 2 clients sit out
+  sampler = sampling.shuffled_epochs_sampler(n, c, seed=4)
+  cohorts = np.stack([np.asarray(sampler(None, r)) for r in range(9)])
+  assert sampling.rounds_per_epoch(n, c) == 3
+  for e in range(3):
+    ids = cohorts[3 * e:3 * e + 3].ravel()
+    assert len(set(ids.tolist())) == 9 and ids.min() >= 0 and ids.max() < n
+  # Each epoch is its own permutation, and the round's key plays no part.
+  assert not np.array_equal(cohorts[:3], cohorts[3:6])
+  np.testing.assert_array_equal(sampler(jax.random.PRNGKey(9), 4), cohorts[4])
+  with pytest.raises(ValueError):
+    sampling.shuffled_epochs_sampler(3, 4)
+
+
+def _tree_noise_after(agg, rounds, draws, dim, clip, m):
+  """The noise of the model's cumulative update after each round: sum of releases x m."""
+  out = np.zeros((draws, rounds, dim))
+  zeros = {"w": jnp.zeros((2, dim))}
+  for d in range(draws):
+    state = agg.init()._replace(key=jax.random.PRNGKey(d))
+    total = np.zeros(dim)
+    for r in range(rounds):
+      mean, state = agg.update(zeros, jnp.ones(2), state, None)
+      total = total + np.asarray(mean["w"]) * m
+      out[d, r] = total
+  return out
+
+
+def test_dp_ftrl_noise_is_the_trees_prefix_noise():
+  # Closed form: after tau rounds of a tree the model holds the noise of the prefix
+  # [1, tau], one N(0, (z clip)^2) node per set bit of tau, and two prefixes share the
+  # nodes of their common high bits; a restart starts a new tree.
+  z, clip, m, per_tree, dim = 1.5, 0.4, 2, 6, 4000
+  agg = privacy.tree_aggregation_aggregator(clip, z, m, per_tree, seed=0)
+  noise = _tree_noise_after(agg, 8, 2, dim, clip, m)          # [draws, round, dim]
+  sigma2 = (z * clip) ** 2
+  samples = noise.transpose(1, 0, 2).reshape(8, -1)        # [round, draws * dim]
+  for tau in range(1, 9):
+    in_tree = tau if tau <= per_tree else per_tree          # rounds 7, 8: tree 2 adds its own
+    nodes = bin(in_tree).count("1") + (bin(tau - per_tree).count("1") if tau > per_tree else 0)
+    var = samples[tau - 1].var()
+    assert abs(var / (nodes * sigma2) - 1) < 0.05, (tau, var, nodes)
+  cov = lambda a, b: np.mean(samples[a - 1] * samples[b - 1])
+  # tau = 2 (node [1,2]) and 3 ([1,2] + [3]) share one node; 4 ([1,4]) shares none with 3.
+  assert abs(cov(2, 3) / sigma2 - 1) < 0.05
+  assert abs(cov(3, 4) / sigma2) < 0.05
+  # tau = 5 ([1,4] + [5]) and 6 ([1,4] + [5,6]) share [1,4]; the restart at 7 keeps tree 1's
+  # last prefix (6 = [1,4] + [5,6]) and adds tree 2's first node.
+  assert abs(cov(5, 6) / sigma2 - 1) < 0.05
+  assert abs(cov(6, 7) / (2 * sigma2) - 1) < 0.05
+
+
+def test_dp_ftrl_without_noise_is_the_clipped_mean_and_counts_rounds():
+  msgs = {"w": jnp.asarray([[3.0, 4.0], [0.3, 0.4], [9.0, 9.0]])}
+  agg = privacy.tree_aggregation_aggregator(1.0, 0.0, 4, 5)
+  mean, state = agg.update(msgs, jnp.asarray([1.0, 2.0, 0.0]), agg.init(), None)
+  # Clipped to norm 1: (0.6, 0.8) and (0.3, 0.4); the zero-weight client is ignored; / m.
+  np.testing.assert_allclose(mean["w"], np.array([0.9, 1.2]) / 4, rtol=1e-6)
+  assert int(state.round) == 1
+
+
+@pytest.mark.parametrize("rounds", [40, 47])
+def test_dp_ftrl_epsilon_is_dp_accounting_tree_events(rounds):
+  import dp_accounting
+  from dp_accounting import rdp
+  z, cohort, population, delta = 1.2, 10, 105, 1e-5
+  report = privacy.tree_report(z, cohort, population, rounds, delta)
+  assert report["dp_rounds_per_tree"] == 10 and report["dp_neighboring"] == "replace_special"
+  acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+  for start in range(0, rounds, 10):        # one tree per epoch, the last one partial
+    acc.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(z, min(10, rounds - start)))
+  assert report["dp_epsilon"] == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
+  assert report["dp_epsilon_rdp"] == report["dp_epsilon"] and "dp_epsilon_pld" not in report
+  # RDP of one tree of E rounds: alpha ceil(log2(E + 1)) / (2 z^2) (Kairouz et al., App. D).
+  assert privacy.tree_depth(10) == 4 and privacy.tree_depth(7) == 3 and privacy.tree_depth(8) == 4
+
+
+def test_launch_dp_ftrl_samples_epochs_and_reports_its_epsilon():
+  from launch import common
+  from launch.configs import robust_digits
+  config = robust_digits.get_config()
+  config.rounds, config.eval_every, config.num_clients, config.clients_per_round = 4, 4, 20, 10
+  config.aggregator, config.attack, config.malicious_fraction = "mean", "none", 0.0
+  config.dp.clip, config.dp.noise_multiplier, config.dp.mechanism = 0.5, 1.0, "tree"
+  _, history, summary = common.run(config, progress=False)
+  assert summary["dp_mechanism"] == "tree_aggregation" and summary["dp_sampling"] == "epochs"
+  expected = privacy.tree_epsilon(1.0, 4, 2, summary["dp_delta"])
+  assert summary["dp_epsilon"] == pytest.approx(expected, rel=1e-12) and len(history) == 4
+  config.dp.sampling = "poisson"
+  with pytest.raises(ValueError, match="shuffled epochs only"):
+    common.run(config, progress=False)

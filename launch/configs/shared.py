@@ -43,12 +43,17 @@ def defaults() -> ml_collections.ConfigDict:
   config.malicious_fraction = 0.0
   config.attack_seed = config_dict.placeholder(int)           # None: seed
   config.num_classes = 10                                     # label_flip: y -> 9 - y
-  # DP-FedAvg (fedjax_lab.privacy); off while dp.clip is None.
+  # DP-FedAvg or DP-FTRL (fedjax_lab.privacy); off while dp.clip is None.
   config.dp = ml_collections.ConfigDict()
+  # gaussian: DP-FedAvg (noise on each round's sum) | tree: DP-FTRL (tree-aggregated noise,
+  # cohorts from shuffled epochs, each client at most once per epoch).
+  config.dp.mechanism = "gaussian"
   config.dp.clip = config_dict.placeholder(float)
   config.dp.noise_multiplier = 0.0
   config.dp.delta = 1e-5
-  config.dp.sampling = "poisson"     # poisson (each client joins w.p. q) | fixed (exactly C)
+  # poisson (each client joins w.p. q) | fixed (exactly C) | epochs (DP-FTRL's; the only
+  # one for mechanism=tree). None: poisson for gaussian, epochs for tree.
+  config.dp.sampling = config_dict.placeholder(str)
   config.dp.adaptive = False
   config.dp.target_quantile = 0.5
   config.dp.clip_lr = 0.2
