@@ -65,11 +65,11 @@ def test_server_tx_is_replaceable_on_every_registered_method(name):
   frozen = final_params(dataclasses.replace(method, server_tx=optax.sgd(0.0)), params, data,
                         cohort)
   assert max_abs_diff(frozen, params) == 0.0
-  default = final_params(method, params, data, cohort)
+  # Adam's first step moves every coordinate with a nonzero pseudo-gradient by about its
+  # rate, so a server_tx that took effect shows at that scale.
   adam = final_params(dataclasses.replace(method, server_tx=optax.adam(0.05)), params, data,
                       cohort)
-  assert max_abs_diff(default, params) > 1e-6      # the default server moves
-  assert max_abs_diff(adam, default) > 1e-4        # and Adam's steps are not its steps
+  assert max_abs_diff(adam, params) > 0.01
 
 
 def test_every_entry_names_a_config_of_its_own_name():
