@@ -286,17 +286,52 @@ class Backend:
     """``jax.lax.scan(f, init, xs, length)`` (a Python loop where nothing is compiled)."""
     return jax.lax.scan(f, init, xs, length=length)
 
-  def scan_rounds(self, round_fn: Callable, donate_state: bool = False) -> Callable:
+  def scan_rounds(self, round_fn: Callable, donate_state: bool = False,
+                  max_rounds: Optional[int] = None,
+                  on_trace: Optional[Callable[[], None]] = None) -> Callable:
     """``run(state, arrays, offsets, num_rounds) -> (state, metrics [num_rounds])``.
 
     The rounds ``round_fn(state, arrays, offsets) -> (state, metrics)`` run as one
-    jitted ``lax.scan`` (``num_rounds`` static: one compilation per distinct length);
-    with ``donate_state`` the input state's buffers are donated to the output.
+    jitted ``lax.scan``; with ``donate_state`` the input state's buffers are donated to
+    the output. Without ``max_rounds``, ``num_rounds`` is static (one compilation per
+    distinct length). With it, every call compiles to the same scan of ``max_rounds``
+    steps whose steps past ``num_rounds`` are skipped (``lax.cond``), so chunks of any
+    length up to ``max_rounds`` share one compilation. ``on_trace()`` runs each time
+    the rounds are traced, i.e. compiled.
     """
+    traced = on_trace or (lambda: None)
+    if max_rounds is None or max_rounds <= 1 or not self.compiled:
+      def run(state, arrays, offsets, num_rounds):
+        traced()
+        return self.scan(lambda s, _: round_fn(s, arrays, offsets), state, None,
+                         length=num_rounds)
+      return self.jit(run, static_argnums=3, donate_argnums=(0,) if donate_state else ())
+
+    def run_padded(state, arrays, offsets, num_rounds):
+      traced()
+      metric_shapes = jax.eval_shape(round_fn, state, arrays, offsets)[1]
+
+      def skip(s):
+        return s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
+
+      def step(s, i):
+        return jax.lax.cond(i < num_rounds, lambda t: round_fn(t, arrays, offsets), skip, s)
+
+      return self.scan(step, state, jnp.arange(max_rounds))
+
+    padded = self.jit(run_padded, donate_argnums=(0,) if donate_state else ())
+
     def run(state, arrays, offsets, num_rounds):
-      return self.scan(lambda s, _: round_fn(s, arrays, offsets), state, None,
-                       length=num_rounds)
-    return self.jit(run, static_argnums=3, donate_argnums=(0,) if donate_state else ())
+      if not 0 <= num_rounds <= max_rounds:
+        raise ValueError(f"num_rounds={num_rounds} is outside [0, max_rounds={max_rounds}].")
+      state, metrics = padded(state, arrays, offsets, jnp.asarray(num_rounds, jnp.int32))
+      return state, jax.tree.map(lambda m: m[:num_rounds], metrics)
+    return run
+
+  def place_state(self, tree):
+    """``tree`` (a run state) placed as the rounds return it, so the first call of the
+    compiled rounds and the later ones share one compilation (identity here)."""
+    return tree
 
   def replicate_for_processes(self, tree, what: str = "tree"):
     """``tree`` ready to enter this backend's rounds when several processes run them.
@@ -494,6 +529,10 @@ class ShardedBackend(Backend):
   def padded_cohort_size(self, cohort_size):
     shards = self.mesh.size
     return -(-cohort_size // shards) * shards
+
+  def place_state(self, tree):
+    from fedjax_lab import distributed  # pylint: disable=g-import-not-at-top (it imports us)
+    return distributed.replicate(tree, self.mesh)
 
   def replicate_for_processes(self, tree, what="tree"):
     if jax.process_count() == 1:

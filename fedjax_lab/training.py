@@ -184,7 +184,8 @@ def _compiled_rounds(algorithm: FederatedAlgorithm, data: FederatedData, opts: T
   """
   try:
     key = (algorithm, data.num_clients, int(data.max_client_size), opts.clients_per_round,
-           opts.backend, opts.chunk_size, opts.donate_state, round_wrapper, opts.sampler)
+           opts.backend, opts.chunk_size, opts.donate_state, round_wrapper, opts.sampler,
+           max(opts.rounds_per_call, 1))
     hash(key)
   except TypeError:          # a method holding an unhashable field: no caching
     key = None
@@ -196,12 +197,13 @@ def _compiled_rounds(algorithm: FederatedAlgorithm, data: FederatedData, opts: T
     round_fn = round_wrapper(round_fn)
   traces = [0]
 
-  def counted_round(state, arrays, offsets):
+  def count_trace():
     traces[0] += 1          # runs only while tracing under jit
-    return round_fn(state, arrays, offsets)
 
-  entry = (parallel.get_backend(opts.backend).scan_rounds(counted_round, opts.donate_state),
-           traces)
+  # Chunks are at most rounds_per_call rounds: one compiled scan serves every length.
+  entry = (parallel.get_backend(opts.backend).scan_rounds(
+      round_fn, opts.donate_state, max_rounds=max(opts.rounds_per_call, 1),
+      on_trace=count_trace), traces)
   if key is not None:
     if len(_ROUNDS_CACHE) >= _ROUNDS_CACHE_SIZE:
       _ROUNDS_CACHE.pop(next(iter(_ROUNDS_CACHE)))
@@ -297,6 +299,8 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   # checked equal on all of them. Identity otherwise.
   state, arrays, offsets = backend.replicate_for_processes((state, arrays, offsets),
                                                            "initial state and data")
+  if not host:
+    state = backend.place_state(state)
   if opts.workdir and lead:   # checkpoints are collective; metrics are written once
     writer = metrics_lib.JsonlWriter(os.path.join(opts.workdir, "metrics.jsonl"), resumed_from)
 

@@ -73,3 +73,28 @@ def test_actions_add_stops_and_leave_the_numbers_unchanged():
   plain, _ = training.train(method, params, data, opts=opts)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("backend", ["vmap", "sharded"])
+def test_one_compilation_whatever_the_eval_and_checkpoint_cadence(tmp_path, backend):
+  import dataclasses
+  from algorithms.fedavg import fedavg
+  from fedjax_lab.client import LocalSchedule
+  from reference import linear_example_loss, linear_problem
+  data, params = linear_problem((5, 3, 7, 4))
+  method = fedavg(linear_example_loss, 0.1, schedule=LocalSchedule(batch_size=2, epochs=1))
+  # Chunks of 4, cut at multiples of 6 (eval) and 5 (checkpoints): lengths 4, 1, 1, 4, 2, ...
+  opts = training.TrainOptions(rounds=23, clients_per_round=2, rounds_per_call=4,
+                               eval_every=6, checkpoint_every=5, progress=False,
+                               backend=backend, workdir=str(tmp_path))
+  evaluate = lambda p, _: {"loss": 0.0, "accuracy": 0.0}
+  loop = training.run_loop(method, params, data, evaluate, {}, opts)
+  assert loop.traces == 1
+  assert [h["round"] for h in loop.history] == list(range(1, 24))
+  # The same rounds one per call: identical numbers.
+  single = training.run_loop(method, params, data, evaluate, {},
+                             dataclasses.replace(opts, rounds_per_call=1, workdir=None))
+  for a, b in zip(jax.tree.leaves(loop.state.params), jax.tree.leaves(single.state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose([h["train_loss"] for h in loop.history],
+                             [h["train_loss"] for h in single.history], rtol=1e-6)
