@@ -73,7 +73,9 @@ def build(config) -> Experiment:
           seed=cfg.get("seed", config.seed))
     else:
       evaluate = metrics_lib.make_evaluator(model)
-  init_params = model.init(jax.random.PRNGKey(config.seed + 1), train_data.arrays["x"][:1])
+  # One compiled init instead of one small compilation per eager op.
+  init_params = jax.jit(model.init)(jax.random.PRNGKey(config.seed + 1),
+                                    train_data.arrays["x"][:1])
   method = algorithms.build(config.algorithm, config, example_loss)
   # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
   method = robust.apply_robustness(method, config, train_data.num_clients)

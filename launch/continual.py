@@ -70,7 +70,8 @@ def build(config):
   masks = stream.class_masks if stream.scenario == "task" else None
   example_loss = continual.classification_loss(model, masks)
   method = algorithms.build(config.algorithm, config, example_loss, model=model)
-  params = model.init(jax.random.PRNGKey(config.seed + 1), stream[0].train.arrays["x"][:1])
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed + 1),
+                               stream[0].train.arrays["x"][:1])
   return stream, model, method, params
 
 
