@@ -267,33 +267,57 @@ def test_variance_correction_matches_numpy_and_restores_the_variance():
 
 # ---- backends agree; the launch command
 
-def test_backends_agree_on_a_ring():
+def backends_agree(backends):
   data, params = linear_problem(SIZES)
   method = methods.dfedavgm(linear_example_loss, 0.1, dec.random_matching(4),
                             LocalSchedule(batch_size=2, epochs=1), momentum=0.5,
                             variance_correction=True)
   final = {b: run(method, data, params, 2, backend=b)[0][-1].params
-           for b in ("vmap", "loop", "sharded")}
-  for b in ("loop", "sharded"):
+           for b in ("vmap",) + backends}
+  for b in backends:
     for k in params:
       np.testing.assert_allclose(final[b][k], final["vmap"][k], atol=1e-6, err_msg=b)
 
 
-def test_launch_decentralized_summary(tmp_path):
-  from launch import decentralized as launcher
+def test_sharded_backend_agrees_with_vmap():
+  backends_agree(("sharded",))   # 4 nodes padded to the 8 devices
+
+
+@pytest.mark.slow
+def test_loop_backend_agrees_with_vmap():
+  backends_agree(("loop",))
+
+
+def small_gossip_config():
   from launch.configs import gossip_digits
   config = gossip_digits.get_config()
-  config.num_clients, config.hidden, config.rounds, config.local_steps = 8, (16,), 4, 2
+  config.num_clients, config.hidden, config.rounds, config.local_steps = 8, (16,), 2, 2
   config.rounds_per_call, config.eval_every, config.topology = 2, 2, "torus"
+  return config
+
+
+def test_launch_decentralized_summary(tmp_path):
+  from launch import decentralized as launcher
+  config = small_gossip_config()
   _, history, summary = launcher.run(config, str(tmp_path), progress=False)
-  assert summary["rounds"] == 4 and summary["topology"] == "torus"
+  assert summary["rounds"] == 2 and summary["topology"] == "torus"
   for key in ("test_accuracy", "node_test_accuracy", "consensus_distance"):
     assert 0.0 <= summary[key] and np.isfinite(summary[key])
   assert summary["spectral_gap"] == pytest.approx(dec.spectral_gap(dec.torus(2, 4)), abs=1e-6)
-  assert "test_node_accuracy" in history[1] and (tmp_path / "metrics.jsonl").exists()
-  # Resuming from the workdir's checkpoint runs nothing more and gives the same numbers.
-  _, _, again = launcher.run(config, str(tmp_path), progress=False)
-  assert again["test_accuracy"] == summary["test_accuracy"]
+  assert "test_node_accuracy" in history[-1] and (tmp_path / "metrics.jsonl").exists()
   config.algorithm = "dfedfoo"
   with pytest.raises(ValueError, match="Unknown decentralized algorithm 'dfedfoo'"):
     launcher.run(config, None, progress=False)
+
+
+@pytest.mark.slow
+def test_launch_decentralized_resumes(tmp_path):
+  from launch import decentralized as launcher
+  config = small_gossip_config()
+  _, _, first = launcher.run(config, str(tmp_path), progress=False)
+  config.rounds = 4
+  _, _, resumed = launcher.run(config, str(tmp_path), progress=False)
+  _, _, straight = launcher.run(config, None, progress=False)
+  assert resumed["rounds"] == 4
+  assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"], abs=1e-6)
+  assert resumed["consensus_distance"] == pytest.approx(straight["consensus_distance"], rel=1e-5)
