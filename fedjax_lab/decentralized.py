@@ -397,10 +397,19 @@ class Decentralized:
     if self.order == "mix_and_train" and self.gossip_steps != 1:
       raise ValueError("mix_and_train (D-PSGD) mixes once per round; gossip_steps must be 1.")
 
-  def init(self, params: Params, rng: PRNGKey) -> ServerState:
-    """Every node starts from ``params``."""
+  def init(self, params: Params, rng: PRNGKey, node_params: Optional[PyTree] = None
+           ) -> ServerState:
+    """Every node starts from ``params``, or node i from row i of ``node_params`` (leaves
+    ``[N, ...]``: e.g. independent initialisations, the vanishing-variance setting)."""
     n = self.topology.num_nodes
-    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)).copy(), params)
+    if node_params is None:
+      stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)).copy(), params)
+    else:
+      stacked = jax.tree.map(jnp.asarray, node_params)
+      for leaf in jax.tree.leaves(stacked):
+        if leaf.shape[:1] != (n,):
+          raise ValueError(f"node_params needs a leading axis of the {n} nodes, got a leaf "
+                           f"of shape {leaf.shape}.")
     states = ()
     if self.local.init_client_state is not None:
       one = self.local.init_client_state(params)
@@ -500,13 +509,15 @@ def node_evaluator(evaluate: Callable) -> Callable:
 
 def train(method: Decentralized, params: Params, data: FederatedData,
           evaluate: Optional[Callable] = None, test_arrays=None,
-          opts: Optional[training.TrainOptions] = None) -> tuple[ServerState, list[dict]]:
+          opts: Optional[training.TrainOptions] = None,
+          node_params: Optional[PyTree] = None) -> tuple[ServerState, list[dict]]:
   """``opts.rounds`` gossip rounds on the rounds loop (``training.run_loop``).
 
   ``evaluate(params, test)`` evaluates one model; it is applied to the average model
   and to every node (``node_evaluator``). ``opts.clients_per_round`` is ignored (every
   node is in every round; ``modest`` chooses who trains). Returns ``(state, history)``
-  with ``state.params`` the stacked models.
+  with ``state.params`` the stacked models. ``node_params``: each node's own initial
+  model (``Decentralized.init``).
   """
   if opts.client_states != "device" or opts.sampler is not None:
     raise ValueError("Decentralized runs keep the node states on the device and sample "
@@ -517,7 +528,7 @@ def train(method: Decentralized, params: Params, data: FederatedData,
   loop = training.run_loop(
       dataclasses.replace(method.local, name=method.name), params, data,
       None if evaluate is None else node_evaluator(evaluate), test_arrays, opts,
-      round_wrapper=_Replace(round_fn), init_state=method.init(params, rng))
+      round_wrapper=_Replace(round_fn), init_state=method.init(params, rng, node_params))
   return loop.state, loop.history
 
 

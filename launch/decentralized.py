@@ -54,8 +54,14 @@ def run(config, workdir=None, progress=True):
       seed=config.seed, eval_every=config.eval_every,
       checkpoint_every=config.get("checkpoint_every", 0),
       rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress)
+  node_params = None
+  if config.get("independent_init", False):   # node i: the model's init with seed + 1 + i
+    inits = [model.init(jax.random.PRNGKey(config.seed + 1 + i), train_data.arrays["x"][:1])
+             for i in range(train_data.num_clients)]
+    node_params = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *inits)
   evaluate = metrics_lib.make_evaluator(model)
-  state, history = dec.train(method, params, train_data, evaluate, test_arrays, opts)
+  state, history = dec.train(method, params, train_data, evaluate, test_arrays, opts,
+                             node_params)
   final = metrics_lib.to_python(dec.node_evaluator(evaluate)(state.params, test_arrays))
   summary = {"algorithm": config.algorithm, "topology": config.topology,
              "rounds": int(state.round), "num_nodes": train_data.num_clients,
@@ -66,6 +72,7 @@ def run(config, workdir=None, progress=True):
              "spectral_gap": history[-1]["spectral_gap"] if history else None,
              "train_loss": history[-1]["train_loss"] if history else None,
              "variance_correction": bool(config.get("variance_correction", False)),
+             "independent_init": bool(config.get("independent_init", False)),
              "backend": config.backend, "wall_s": round(time.perf_counter() - start, 3)}
   return state, history, summary
 

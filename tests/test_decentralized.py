@@ -124,8 +124,10 @@ def test_ring_consensus_distance_follows_the_spectral_gap():
   x0 = rng.normal(size=(n, dim))
   method = methods.dfedavgm(loss, lr, dec.static(dec.ring(n), "ring"),
                             LocalSchedule(batch_size=None, steps=steps), momentum=0.0)
-  init = method.init({"x": jnp.zeros(dim)}, jax.random.PRNGKey(0))
-  init = init._replace(params={"x": jnp.asarray(x0, jnp.float32)})
+  init = method.init({"x": jnp.zeros(dim)}, jax.random.PRNGKey(0),
+                     node_params={"x": jnp.asarray(x0, jnp.float32)})
+  with pytest.raises(ValueError, match="leading axis of the 10 nodes"):
+    method.init({"x": jnp.zeros(dim)}, jax.random.PRNGKey(0), node_params={"x": x0[:3]})
   _, metrics = run(method, data, None, rounds, state=init)
   # K gradient steps on 0.5||x - b||^2: y = c x + (1 - c) b, c = (1 - lr)^K; X' = W Y.
   # In the ring's Fourier basis (W circulant) every mode k evolves on its own:

@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.topology_seed = 0           # erdos_renyi's graph, modest's samples
   config.gossip_steps = 1            # dfedsam: Q > 1 is DFedSAM-MGS
   config.variance_correction = False # Tian et al. 2024's variance-corrected averaging
+  config.independent_init = False    # True: each node its own initialisation (seed + 1 + i)
   # Data: one node per client.
   config.data = "digits"
   config.partition = "dirichlet"

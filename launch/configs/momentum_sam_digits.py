@@ -28,6 +28,9 @@ def get_config(algorithm: str = "fedavg_cm"):
   config.fedspeed_alpha = 0.5
   config.local_momentum = 0.0        # fednova: local heavy ball rho
   config.feddyn_alpha = 0.01
+  if algorithm == "fednova":
+    config.local_steps = 0           # epochs: clients of different sizes run different K
+    config.local_epochs = 2
   # The papers average uniformly over the cohort; FedSAM and FedNova weight by examples.
   config.weighting = "num_examples" if algorithm in ("fedsam", "fednova") else "uniform"
   return config
