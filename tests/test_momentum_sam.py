@@ -281,3 +281,34 @@ def test_server_step_composes_with_fedhyper_and_a_median(name):
     prev = g
     check(state, x, atol=1e-5)
   assert acc != 0.0
+
+
+def test_feddyn_under_fedhyper_and_a_median_through_the_round():
+  """End to end: the round's clients, the median, FedDyn's rule, FedHyper-G, in numpy."""
+  data, params = linear_problem(SIZES)
+  alpha = 0.3
+  method = fh.on_top(dataclasses.replace(feddyn(linear_example_loss, LR, alpha,
+                                                schedule=NO_SHUFFLE),
+                                         aggregator=aggregate.coordinate_median()),
+                     fh.fedhyper_global())
+  states = run(method, data, params, rounds=3)
+  x = to_numpy(params)
+  h, gk, acc, prev = zeros(x), [zeros(x) for _ in SIZES], 0.0, None
+  for t in range(3):
+    deltas = []
+    for i in range(3):
+      y = dict(x)
+      for xb, yb in batches(data, i)[0]:
+        grad = linear_grad(y, xb, yb)
+        y = {k: y[k] - LR * (grad[k] - gk[i][k] + alpha * (y[k] - x[k])) for k in y}
+      gk[i] = {k: gk[i][k] - alpha * (y[k] - x[k]) for k in x}
+      deltas.append({k: y[k] - x[k] for k in x})
+    g = {k: -np.median([d[k] for d in deltas], axis=0) for k in x}
+    h = {k: h[k] + alpha * g[k] for k in x}                     # |P| / m = 1
+    g = {k: g[k] + h[k] / alpha for k in x}
+    if prev is not None:
+      acc = float(np.clip(acc + sum(np.sum(prev[k] * g[k]) for k in g), -0.8, 4.0))
+    x = {k: x[k] - (1 + acc) * g[k] for k in x}
+    prev = g
+    check(states[t + 1], x)
+  assert acc != 0.0
