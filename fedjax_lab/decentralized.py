@@ -339,6 +339,8 @@ def variance_corrected_mix(w: jax.Array, stacked: PyTree, eps: float = 1e-12) ->
       z_i' = m(z_i) + (z_i - m(z_i)) sqrt(v_target / v(z_i))
 
   Leaves of one element (or of zero variance, e.g. zero biases) are left as mixed.
+  The statistics (per layer, over its elements; the W-weighted target) are this
+  module's reading of the paper's variance-corrected averaging.
   """
   def one(x):
     z = jnp.tensordot(w.astype(x.dtype), x, axes=1)

@@ -1,7 +1,6 @@
 """Decentralized learning against closed forms and numpy: mixing matrices, gossip = FedAvg
 on a complete graph, the ring's consensus rate, D-PSGD / DFedAvgM / DFedSAM, MoDeST,
 variance-corrected averaging, backends."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
