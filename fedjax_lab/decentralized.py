@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedjax_lab import parallel
 from fedjax_lab import training
@@ -361,9 +362,8 @@ def average_model(stacked: PyTree) -> Params:
 
 def consensus_distance(stacked: PyTree) -> jax.Array:
   """``(1/N) sum_i ||x_i - xbar||^2`` over all leaves (Koloskova et al. 2020)."""
-  mean = average_model(stacked)
-  sq = [jnp.sum((x - m) ** 2) for x, m in zip(jax.tree.leaves(stacked), jax.tree.leaves(mean))]
-  return sum(sq) / jax.tree.leaves(stacked)[0].shape[0]
+  spread = jax.tree.map(jnp.subtract, stacked, average_model(stacked))
+  return optax.tree.norm(spread, squared=True) / jax.tree.leaves(stacked)[0].shape[0]
 
 
 # ----------------------------------------------------------------- the method

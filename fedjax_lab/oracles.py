@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fedjax_lab import hyperparams
 from fedjax_lab.attacks import PGD, fgsm, pgd  # noqa: F401  (re-exported: oracles.pgd(...))
@@ -115,8 +116,7 @@ def sharpness_aware(example_loss: ExampleLossFn, rho: jax.typing.ArrayLike,
     value, g1 = jax.value_and_grad(loss)(params, batch, rng)
     scale = rho
     if normalize:
-      norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(g1)))
-      scale = rho / jnp.maximum(norm, eps)
+      scale = rho / jnp.maximum(optax.tree.norm(g1), eps)
     perturbed = jax.tree.map(lambda w, g: w + scale * g, params, g1)
     g2 = jax.grad(loss)(perturbed, batch, rng)
     grads = jax.tree.map(lambda a, b: (1.0 - mix) * a + mix * b, g1, g2)
