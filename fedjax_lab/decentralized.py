@@ -535,7 +535,11 @@ def train(method: Decentralized, params: Params, data: FederatedData,
 
 
 class _Replace:
-  """A round wrapper that runs the gossip round instead of the federated one."""
+  """A round wrapper that runs the gossip round instead of the federated one.
+
+  Unhashable, so the rounds loop's compile cache does not keep one entry per run.
+  """
+  __hash__ = None
 
   def __init__(self, round_fn):
     self.round_fn = round_fn
