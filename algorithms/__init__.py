@@ -16,6 +16,7 @@ from algorithms import fedexp, fedhyper
 from algorithms import fedewc, fot
 from algorithms import fedzo, fzoos
 from algorithms import rffl
+from algorithms import feddyn, fednova, momentum, sharpness
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,13 @@ REGISTRY: dict[str, Entry] = {
     "fedzo_scaf": Entry(fedzo.from_config_for("scaf"), _ZO),
     "fedzo_diff": Entry(fedzo.from_config_for("diff"), _ZO),
     "rffl": Entry(rffl.from_config, _DIGITS),
+    "fedavg_cm": Entry(momentum.fedavg_cm_from_config, ("momentum_sam_digits", "fedavg_cm")),
+    "scaffold_m": Entry(momentum.scaffold_m_from_config, ("momentum_sam_digits", "scaffold_m")),
+    "mimelite": Entry(momentum.mimelite_from_config, ("momentum_sam_digits", "mimelite")),
+    "fedsam": Entry(sharpness.fedsam_from_config, ("momentum_sam_digits", "fedsam")),
+    "fedspeed": Entry(sharpness.fedspeed_from_config, ("momentum_sam_digits", "fedspeed")),
+    "fednova": Entry(fednova.from_config, ("momentum_sam_digits", "fednova")),
+    "feddyn": Entry(feddyn.from_config, ("momentum_sam_digits", "feddyn")),
 }
 
 

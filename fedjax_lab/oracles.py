@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fedjax_lab import hyperparams
 from fedjax_lab.attacks import PGD, fgsm, pgd  # noqa: F401  (re-exported: oracles.pgd(...))
@@ -89,6 +90,36 @@ def adversarial(example_loss: ExampleLossFn, attack: Callable, mix_ratio: float 
       return (1.0 - mix_ratio) * loss(p, batch, rng) + mix_ratio * loss(p, adv_batch, rng)
 
     value, grads = jax.value_and_grad(mixed)(params)
+    return grads, {"loss": value}, state
+
+  return GradientOracle(init=lambda params: (), update=update)
+
+
+def sharpness_aware(example_loss: ExampleLossFn, rho: jax.typing.ArrayLike,
+                    normalize: bool = True, mix: jax.typing.ArrayLike = 1.0,
+                    eps: float = 1e-12) -> GradientOracle:
+  """The gradient at an ascent-perturbed point, on the same batch (SAM and FedSpeed).
+
+      g1 = grad L(w),   e = rho g1 / ||g1||  (normalize)  or  rho g1  (not),
+      g2 = grad L(w + e),   g = (1 - mix) g1 + mix g2
+
+  ``normalize=True, mix=1`` is SAM (Foret et al., ICLR 2021, eq. 2; FedSAM, DFedSAM);
+  ``normalize=False, mix=alpha`` is FedSpeed's merged gradient (Sun et al., ICLR 2023,
+  Alg. 1: the extra ascent step ``w + rho g1`` and ``(1 - alpha) g1 + alpha g2``).
+  ``||.||`` is the global l2 norm over all leaves. The aux ``'loss'`` is ``L(w)``.
+  """
+  hyperparams.check(rho, lambda r: r >= 0.0, f"rho must be >= 0, got {rho}.")
+  hyperparams.check(mix, lambda m: 0.0 <= m <= 1.0, f"mix must be in [0, 1], got {mix}.")
+  loss = batch_loss(example_loss)
+
+  def update(params, batch, rng, state):
+    value, g1 = jax.value_and_grad(loss)(params, batch, rng)
+    scale = rho
+    if normalize:
+      scale = rho / jnp.maximum(optax.tree.norm(g1), eps)
+    perturbed = jax.tree.map(lambda w, g: w + scale * g, params, g1)
+    g2 = jax.grad(loss)(perturbed, batch, rng)
+    grads = jax.tree.map(lambda a, b: (1.0 - mix) * a + mix * b, g1, g2)
     return grads, {"loss": value}, state
 
   return GradientOracle(init=lambda params: (), update=update)
