@@ -347,7 +347,7 @@ def test_load_federated_synthetic():
 
 
 def test_load_federated_unknown_names():
-    with pytest.raises(ValueError, match="known names: digits, synthetic"):
+    with pytest.raises(ValueError, match="known names: digits, mnist5k, synthetic"):
         fd.load_federated("mnist")
     with pytest.raises(ValueError, match="known names: iid, dirichlet, natural"):
         fd.load_federated(partition="shards")

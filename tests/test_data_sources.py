@@ -472,7 +472,7 @@ def test_load_federated_new_partitions_and_errors():
                                num_classes_per_partition=1, seed=0)
   assert _classes_per_client(train.arrays["y"], np.repeat(np.arange(10), train.client_sizes),
                              10).max() == 1
-  with pytest.raises(ValueError, match="known names: digits, synthetic, tfds:NAME, sqlite:PATH"):
+  with pytest.raises(ValueError, match="known names: digits, mnist5k, synthetic, tfds:NAME, sqlite:PATH"):
     fd.load_federated("emnist")
   with pytest.raises(ValueError, match="needs a path"):
     fd.load_federated("leaf:")
