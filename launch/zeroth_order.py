@@ -24,6 +24,8 @@ import numpy as np
 
 # Methods that only query function values (the registry also holds first-order ones).
 ALGORITHMS = ("fzoos", "fedzo", "fedzo_prox", "fedzo_scaf", "fedzo_diff")
+# Methods whose round applies the safeguard itself (FZooS: before its round-end fit).
+OWN_SAFEGUARD = ("fzoos",)
 
 PROBLEM_KEYS = {
     "quadratic": ("dim", "num_clients", "div"),
@@ -102,7 +104,8 @@ def run(config, workdir: Optional[str] = None, progress: bool = True):
       progress=progress)
   state, history = training.train(
       algorithm, x0, problem.data, opts=opts,
-      round_wrapper=round_with_objective(problem, config.get("safeguard", False)))
+      round_wrapper=round_with_objective(
+          problem, config.get("safeguard", True) and config.algorithm not in OWN_SAFEGUARD))
 
   final = metrics_lib.to_python(jax.jit(problem.evaluate)(state.params, arrays))
   queries = int(np.sum(np.asarray(state.client_states["queries"])))
