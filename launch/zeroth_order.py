@@ -3,6 +3,7 @@
     python -m launch.zeroth_order                                  # FZooS, synthetic quadratic
     python -m launch.zeroth_order --config.algorithm=fedzo         # FedZO, the same problem
     python -m launch.zeroth_order --config=launch/configs/fzoos_attack_digits.py
+    python -m launch.zeroth_order --config=launch/configs/fzoos_attack_mnist.py
     python -m launch.zeroth_order --config.problem=ackley --config.rounds=20
 
 Each round logs F(x_r) and the total number of function queries (all clients, all
@@ -31,7 +32,7 @@ PROBLEM_KEYS = {
     "quadratic": ("dim", "num_clients", "div"),
     "ackley": ("dim", "num_clients", "div"),
     "levy": ("dim", "num_clients", "div"),
-    "attack": ("num_clients", "portion", "eps", "hidden", "trial"),
+    "attack": ("num_clients", "portion", "eps", "hidden", "trial", "data"),
     "metric": ("score", "portion"),
 }
 
