@@ -32,6 +32,9 @@ FOT is GPM moved to the server. Clients run plain local SGD. Two pieces:
    the energy fraction ``r_bar^2`` that makes the criterion GPM's exactly, and
    ``min_new_columns=0`` skips a layer whose old basis already captures ``eps``.
 
+The authors collect activations in training mode (dropout on upstream of a layer);
+here the layer inputs are those of the deterministic forward.
+
 Bases live in the transform's state with static shapes: each projected kernel has a
 ``[d, k_max]`` matrix (``k_max = d`` unless capped) and a column mask, so the rounds
 are compiled once and ``set_bases`` swaps in a grown basis between tasks.
@@ -55,8 +58,12 @@ from fedjax_lab import activations
 from fedjax_lab import aggregate as aggregate_lib
 from fedjax_lab import continual
 from fedjax_lab import oracles
-from fedjax_lab.algorithm import FederatedAlgorithm, ServerState, default_client_extra_args
+from fedjax_lab import parallel
+from fedjax_lab import server_rules
+from fedjax_lab.algorithm import (FederatedAlgorithm, ServerState, default_client_extra_args,
+                                  sample_cohort)
 from fedjax_lab.client import LocalSchedule
+from fedjax_lab.data.federated import gather_cohort
 from fedjax_lab.transforms import Aggregator, stateless_with_extra_args
 
 
@@ -204,6 +211,29 @@ def set_bases(opt_state, bases: dict):
                       opt_state, is_leaf=_is_projection_state)
 
 
+class PreviousParams(NamedTuple):
+  """The global params before the last server step (x_{R-1} at a task's end)."""
+  params: object
+
+
+def keep_previous_params() -> optax.GradientTransformationExtraArgs:
+  """A rule that keeps the params the server step starts from; ``g`` passes unchanged.
+
+  FedProject's ``extraction='local'`` recomputes the last round's local models from it.
+  """
+  def init_fn(params):
+    return PreviousParams(params)
+
+  def update_fn(updates, state, params=None, **extra):
+    del state, extra
+    return updates, PreviousParams(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+EXTRACTIONS = ("local", "global")
+
+
 # ------------------------------------------------------------------ basis growth (server)
 
 def adjusted_threshold(eps: float, ratio: float, squared_ratio: bool = False) -> float:
@@ -320,10 +350,15 @@ class FedProject:
     apply_fn: the model's linen ``apply`` (activations are captured from it).
     eps: energy threshold of the first task; task t uses ``eps + t * eps_inc``.
     eps_inc: per-task increment.
-    clients: clients that upload (0: every client of the task).
+    clients: ``extraction='global'``: clients that upload (0: every client of the task).
     samples: examples per client (0: all of them, as the authors' code).
     backend: how to map over the clients (``loop``/``vmap``/``sharded``).
     squared_ratio / min_new_columns: see the module docstring.
+    extraction: ``'local'`` (the authors'): the task's last cohort, activations of each
+      client's local model after its last local step (recomputed from x_{R-1} with the
+      round's cohort and keys); ``'global'``: the global model x_R on ``clients``.
+    clients_per_round: the rounds' cohort size (``'local'``).
+    algorithm: the method whose local training is recomputed (``fot`` sets it).
   """
   apply_fn: Callable
   eps: float = 0.95
@@ -333,31 +368,92 @@ class FedProject:
   backend: str = "vmap"
   squared_ratio: bool = False
   min_new_columns: int = 1
+  extraction: str = "local"
+  clients_per_round: int = 0
+  algorithm: Optional[FederatedAlgorithm] = None
 
   def __post_init__(self):
     if not 0.0 < self.eps <= 1.0:
       raise ValueError(f"FedProject eps must be in (0, 1], got {self.eps}.")
+    if self.extraction not in EXTRACTIONS:
+      raise ValueError(f"Unknown extraction {self.extraction!r}; choose one of "
+                       f"{', '.join(EXTRACTIONS)}.")
     self._stat = None
 
-  def _client_fn(self, shared, one_client):
-    params, bases = shared
-    data, size, rng = one_client
+  def _upload(self, params, bases, data, size, rng):
     mask = jnp.arange(data["x"].shape[0]) < size
     rows = activations.layer_input_rows(self.apply_fn, params, data["x"], mask, set(bases))
     missing = set(bases) - set(rows)
     if missing:
       raise ValueError(f"FedProject: no Dense/Conv call captured for {sorted(missing)}; "
                        f"exclude them from the projection.")
-    message = masked_residuals(rows, bases, size.astype(jnp.float32), rng)
+    return masked_residuals(rows, bases, size.astype(jnp.float32), rng)
+
+  def _client_fn(self, shared, one_client):
+    params, bases = shared
+    data, size, rng = one_client
+    return self._upload(params, bases, data, size, rng), (size > 0).astype(jnp.float32), ()
+
+  def _local_client_fn(self, shared, one_client):
+    down, bases = shared
+    data, size, key = one_client
+    # The client's round as the engine ran it: same model, data, key and schedule.
+    up, _, _ = self.algorithm.client_update(down, ((), data, size, key), data["x"].shape[0])
+    local = jax.tree.map(jnp.add, down["params"], up["delta"])
+    message = self._upload(local, bases, data, size, jax.random.fold_in(key, 0x0F07))
     return message, (size > 0).astype(jnp.float32), ()
 
-  def __call__(self, state: ServerState, task, task_index: int, rng):
+  def _last_round(self, state, task):
+    """``(state of the task's last round, its cohort ids, its client key)``."""
+    if self.algorithm is None or self.clients_per_round < 1:
+      raise ValueError("FedProject(extraction='local') needs the method and "
+                       "clients_per_round (fot() and from_config set them).")
+    previous = server_rules.require_state(state.rule_state, PreviousParams,
+                                          "keep_previous_params")
+    last = state._replace(params=previous.params, round=state.round - 1)
+    ids, client_key = sample_cohort(last, task.train.num_clients, self.clients_per_round)
+    return last, ids, client_key
+
+  def last_local_models(self, state, task):
+    """The local models ``[C, ...]`` of the task's last round (what ``'local'`` reads)."""
+    last, ids, client_key = self._last_round(state, task)
+    data = task.train
+    max_examples = int(data.max_client_size)
+    cohort, sizes = gather_cohort(*data.device_arrays(), ids, max_examples)
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
+    down = self.algorithm.broadcast(last)
+
+    def one(x, size, key):
+      up, _, _ = self.algorithm.client_update(down, ((), x, size, key), max_examples)
+      return jax.tree.map(jnp.add, down["params"], up["delta"])
+
+    return jax.vmap(one)(cohort, sizes, keys)
+
+  def _local_sums(self, state, task, bases):
+    last, ids, client_key = self._last_round(state, task)
+    data = task.train
+    padded = parallel.get_backend(self.backend).padded_cohort_size(self.clients_per_round)
+    ids = jnp.concatenate([ids, jnp.full((padded - ids.shape[0],), data.num_clients,
+                                         jnp.int32)])
+    max_examples = int(data.max_client_size)
     if self._stat is None:
-      self._stat = continual.make_client_statistic(self._client_fn, secure_sum(), self.backend)
+      self._stat = continual.make_client_statistic(self._local_client_fn, secure_sum(),
+                                                   self.backend)
+    arrays, offsets = data.device_arrays()
+    return self._stat((self.algorithm.broadcast(last), bases), arrays, offsets, ids,
+                      client_key, max_examples)
+
+  def __call__(self, state: ServerState, task, task_index: int, rng):
     bases = get_bases(state.rule_state)
-    sums = continual.run_client_statistic(
-        self._stat, (state.params, bases), task.train, rng, self.clients, self.samples,
-        self.backend)
+    if self.extraction == "local":
+      sums = self._local_sums(state, task, bases)
+    else:
+      if self._stat is None:
+        self._stat = continual.make_client_statistic(self._client_fn, secure_sum(),
+                                                     self.backend)
+      sums = continual.run_client_statistic(
+          self._stat, (state.params, bases), task.train, rng, self.clients, self.samples,
+          self.backend)
     eps = min(self.eps + task_index * self.eps_inc, 1.0)
     n = float(sums["n"])
     new_bases, info = {}, {"eps": eps}
@@ -382,10 +478,17 @@ def fot(example_loss, client_lr: float, server_lr: float = 1.0,
   client_tx = optax.sgd(client_lr)
   if weight_decay:
     client_tx = optax.chain(optax.add_decayed_weights(weight_decay), client_tx)
-  return FederatedAlgorithm(
+  rule = orthogonal_projection(tuple(exclude), max_columns)
+  local = isinstance(task_boundary, FedProject) and task_boundary.extraction == "local"
+  if local:
+    rule = server_rules.chain(rule, keep_previous_params())
+  method = FederatedAlgorithm(
       name="fot", oracle=oracles.first_order(example_loss), client_tx=client_tx,
-      server_tx=optax.sgd(server_lr), server_rule=orthogonal_projection(tuple(exclude), max_columns),
+      server_tx=optax.sgd(server_lr), server_rule=rule,
       schedule=schedule, weighting=weighting, task_boundary=task_boundary)
+  if local and task_boundary.algorithm is None:
+    task_boundary.algorithm = method
+  return method
 
 
 # ------------------------------------------------------------------------------ GPM
@@ -476,7 +579,8 @@ def gpm_from_config(config, example_loss, model=None) -> FederatedAlgorithm:
 def fedproject_from_config(config, model, backend: str = "vmap") -> FedProject:
   return FedProject(model.apply, config.get("fot_eps", 0.95), config.get("fot_eps_inc", 0.0),
                     config.get("fot_clients", 0), config.get("fot_samples", 0), backend,
-                    config.get("fot_squared_ratio", False), config.get("fot_min_new", 1))
+                    config.get("fot_squared_ratio", False), config.get("fot_min_new", 1),
+                    config.get("fot_extraction", "local"), config.get("clients_per_round", 0))
 
 
 def gpm_update_from_config(config, model, backend: str = "vmap") -> GPMUpdate:

@@ -104,6 +104,12 @@ class FederatedAlgorithm:
       EWC's Fisher, GPM's bases), run by ``continual.run_stream``; it belongs to the
       method, so a method built on top of one (FedHyper on FOT) keeps it. None:
       nothing happens between tasks.
+    round_end: a second exchange with the round's cohort after the server step,
+      ``(before, after, cohort, client_rows, keys, real) -> (after, client_rows)``:
+      ``before`` / ``after`` the server states around the step, ``cohort`` the
+      gathered client data ``[P, max_n, ...]``, ``client_rows`` their new states,
+      ``keys`` their round keys, ``real`` bool ``[P]`` (False for padding). FZooS
+      fits its surrogates at the new global point here. None: nothing.
   """
   name: str
   oracle: GradientOracle
@@ -122,6 +128,7 @@ class FederatedAlgorithm:
   step_limit: Optional[Callable[[dict], jax.Array]] = None
   round_metrics: Optional[Callable[[ServerState], dict]] = None
   task_boundary: Optional[Callable] = None
+  round_end: Optional[Callable] = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
@@ -291,9 +298,13 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
     # cohorts, the drawn size for Poisson ones.
     cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients
+    before = state
     state = algorithm.server_step(state._replace(agg_state=agg_state), aggregate,
                                   cohort_fraction)
     new_rows = outputs["client_state"]
+    if algorithm.round_end is not None:
+      state, new_rows = algorithm.round_end(before, state, cohort, new_rows, keys,
+                                            ids < num_clients)
     state = write_rows(state._replace(round=state.round + 1), ids, new_rows)
     weights = outputs["weight"]
     total = jnp.maximum(jnp.sum(weights), 1e-12)

@@ -82,14 +82,17 @@ def mask_logits(logits: jax.Array, class_mask: jax.Array) -> jax.Array:
 def classification_loss(model: Model, class_masks: Optional[np.ndarray] = None):
   """Per-example cross-entropy ``(params, batch, rng) -> [B]``.
 
+  Models with dropout train through ``model.train_apply`` with the step's rng.
   With ``class_masks [T, C]`` (task-incremental) each example's logits are masked to
   the classes of its task ``batch['task']``: the other heads get no gradient.
   """
   table = None if class_masks is None else jnp.asarray(class_masks, bool)
 
   def example_loss(params, batch, rng):
-    del rng
-    logits = model.apply(params, batch["x"])
+    if getattr(model, "train_apply", None) is None:
+      logits = model.apply(params, batch["x"])
+    else:                                   # dropout: a fresh mask every step
+      logits = model.train_apply(params, batch["x"], rng)
     if table is not None:
       logits = mask_logits(logits, table[batch["task"]])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])

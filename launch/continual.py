@@ -30,7 +30,7 @@ from fedjax_lab.data import continual as streams
 from fedjax_lab.data import sources
 from fedjax_lab.data.federated import train_test_split
 
-DATA = ("digits", "synthetic")
+DATA = ("digits", "mnist5k", "synthetic")
 MODELS = ("mlp", "cnn")
 
 
@@ -39,6 +39,8 @@ def _source(config) -> tuple[dict, dict]:
     raise ValueError(f"Unknown data {config.data!r}; choose one of {', '.join(DATA)}.")
   if config.data == "digits":
     arrays = sources.digits()
+  elif config.data == "mnist5k":
+    arrays = sources.mnist5k()
   else:
     arrays, _ = sources.synthetic(1.0, 1.0, num_clients=30, seed=config.seed)
   split_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
@@ -57,6 +59,9 @@ def build_stream(config) -> streams.TaskStream:
 def build_model(config, stream: streams.TaskStream) -> models_lib.Model:
   if config.model not in MODELS:
     raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(MODELS)}.")
+  if config.model == "mlp" and config.get("dropout", ()):
+    return models_lib.dropout_mlp(tuple(config.hidden), stream.num_classes,
+                                  tuple(config.dropout))
   if config.model == "mlp":
     return models_lib.continual_mlp(tuple(config.hidden), stream.num_classes,
                                     config.get("use_bias", False))

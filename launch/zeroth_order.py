@@ -3,6 +3,7 @@
     python -m launch.zeroth_order                                  # FZooS, synthetic quadratic
     python -m launch.zeroth_order --config.algorithm=fedzo         # FedZO, the same problem
     python -m launch.zeroth_order --config=launch/configs/fzoos_attack_digits.py
+    python -m launch.zeroth_order --config=launch/configs/fzoos_attack_mnist.py
     python -m launch.zeroth_order --config.problem=ackley --config.rounds=20
 
 Each round logs F(x_r) and the total number of function queries (all clients, all
@@ -24,12 +25,14 @@ import numpy as np
 
 # Methods that only query function values (the registry also holds first-order ones).
 ALGORITHMS = ("fzoos", "fedzo", "fedzo_prox", "fedzo_scaf", "fedzo_diff")
+# Methods whose round applies the safeguard itself (FZooS: before its round-end fit).
+OWN_SAFEGUARD = ("fzoos",)
 
 PROBLEM_KEYS = {
     "quadratic": ("dim", "num_clients", "div"),
     "ackley": ("dim", "num_clients", "div"),
     "levy": ("dim", "num_clients", "div"),
-    "attack": ("num_clients", "portion", "eps", "hidden", "trial"),
+    "attack": ("num_clients", "portion", "eps", "hidden", "trial", "data"),
     "metric": ("score", "portion"),
 }
 
@@ -102,7 +105,8 @@ def run(config, workdir: Optional[str] = None, progress: bool = True):
       progress=progress)
   state, history = training.train(
       algorithm, x0, problem.data, opts=opts,
-      round_wrapper=round_with_objective(problem, config.get("safeguard", False)))
+      round_wrapper=round_with_objective(
+          problem, config.get("safeguard", True) and config.algorithm not in OWN_SAFEGUARD))
 
   final = metrics_lib.to_python(jax.jit(problem.evaluate)(state.params, arrays))
   queries = int(np.sum(np.asarray(state.client_states["queries"])))

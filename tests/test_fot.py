@@ -137,7 +137,8 @@ def tiny_runs():
                                  progress=False)
   ev = continual.make_evaluator(model)
   fot_algo = fot.fot(loss, 0.3, schedule=schedule)
-  fot_hook = Recorder(fot.FedProject(model.apply, eps=1.0 - 1e-6))
+  # The global model's activations: old tasks' outputs are then exactly kept.
+  fot_hook = Recorder(fot.FedProject(model.apply, eps=1.0 - 1e-6, extraction="global"))
   fot_run = continual.run_stream(fot_algo, stream, params, ev, opts, fot_hook)
   avg_hook = Recorder()
   avg_run = continual.run_stream(fedavg.fedavg(loss, 0.3, schedule=schedule, weighting="uniform"),

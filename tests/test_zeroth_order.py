@@ -515,7 +515,8 @@ def small_fzoos_run():
 def test_fzoos_query_counter_equals_the_budget(small_fzoos_run):
   _, _, states, metrics = small_fzoos_run
   t, e, rff_e, init = 3, 5, 10, 10
-  per_round = 1 + t + e * (t - 1) + rff_e
+  # x_r, T iterates, e per step after the first; the round end's x_{r+1} and rff_e.
+  per_round = 1 + t + e * (t - 1) + 1 + rff_e
   assert per_round == fzoos_lib.queries_per_round(t, e, rff_e)
   for r, state in enumerate(states[1:], start=1):
     np.testing.assert_array_equal(np.asarray(state.client_states["queries"]),

@@ -2,7 +2,7 @@
 
 Any flax (linen or nnx), haiku or plain-jax model fits through ``Model``.
 """
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -13,8 +13,11 @@ from fedjax_lab.types import Params
 
 
 class Model(NamedTuple):
+  """``apply`` is the evaluation (deterministic) forward; ``train_apply(params, x, rng)``
+  the training one of models with dropout (None: ``apply``)."""
   init: Callable[[jax.Array, jax.Array], Params]
   apply: Callable[[Params, jax.Array], jax.Array]
+  train_apply: Optional[Callable[[Params, jax.Array, jax.Array], jax.Array]] = None
 
 
 def from_linen(module: nn.Module) -> Model:
@@ -51,6 +54,37 @@ class ContinualMLP(nn.Module):
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, use_bias=self.use_bias)(x))
     return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
+
+
+class DropoutMLP(nn.Module):
+  """Dense+ReLU+Dropout hidden layers with biases, Dense output.
+
+  FOT's permuted-MNIST model (``model/mlp.py`` of its code): 784-400-400-400-10,
+  dropout 0.2 after the first hidden layer and 0.5 after the others.
+  """
+  hidden: Sequence[int] = (400, 400, 400)
+  num_classes: int = 10
+  dropout: Sequence[float] = (0.2, 0.5, 0.5)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    for width, rate in zip(self.hidden, self.dropout):
+      x = nn.relu(nn.Dense(width)(x))
+      x = nn.Dropout(rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+def dropout_mlp(hidden: Sequence[int] = (400, 400, 400), num_classes: int = 10,
+                dropout: Sequence[float] = (0.2, 0.5, 0.5)) -> Model:
+  """``DropoutMLP``: ``apply`` without dropout (evaluation), ``train_apply`` with it."""
+  if len(dropout) != len(hidden):
+    raise ValueError(f"dropout needs one rate per hidden layer: {len(hidden)} layers, "
+                     f"got {len(dropout)} rates.")
+  module = DropoutMLP(tuple(hidden), num_classes, tuple(float(r) for r in dropout))
+  return Model(init=lambda rng, x: module.init(rng, x), apply=module.apply,
+               train_apply=lambda params, x, rng: module.apply(params, x, train=True,
+                                                               rngs={"dropout": rng}))
 
 
 class CNN(nn.Module):

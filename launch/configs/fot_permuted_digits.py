@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   # FOT / GPM.
   config.fot_eps = 0.95              # energy threshold of the first task
   config.fot_eps_inc = 0.0           # added after every task
-  config.fot_clients = 0             # clients uploading activations (0: all)
+  config.fot_extraction = "local"    # the last cohort's local models | global
+  config.fot_clients = 0             # global extraction: clients uploading (0: all)
   config.fot_samples = 0             # examples per client (0: all)
   config.fot_exclude = ()            # regexes of kernels left unprojected (task heads)
   config.fot_max_columns = 0         # 0: pre-allocate d columns per layer

@@ -27,8 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.client_optimizer = "adam"
   config.client_lr = 0.01
   config.server_lr = 1.0
-  config.safeguard = False           # keep x_r when F does not decrease (queries F)
-  config.project = True              # project local iterates onto the box [0, 1]^d
+  config.safeguard = True            # keep x_r when F does not decrease (the code)
+  config.project = False             # True: project local iterates onto [0, 1]^d
+  config.refit_at = "global"         # FZooS's round-end fit around x_{r+1} | client
   # FedZO and its corrections: two-point estimator.
   config.num_directions = 20         # q
   config.smoothing = 0.01            # mu
