@@ -351,7 +351,8 @@ class FedProject:
     eps: energy threshold of the first task; task t uses ``eps + t * eps_inc``.
     eps_inc: per-task increment.
     clients: ``extraction='global'``: clients that upload (0: every client of the task).
-    samples: examples per client (0: all of them, as the authors' code).
+    samples: ``extraction='global'``: examples per client (0: all of them, as the
+      authors' code, and as ``'local'`` always does).
     backend: how to map over the clients (``loop``/``vmap``/``sharded``).
     squared_ratio / min_new_columns: see the module docstring.
     extraction: ``'local'`` (the authors'): the task's last cohort, activations of each
