@@ -8,9 +8,20 @@ through orbax: each is copied to ``<directory>/host_tables/<round>/leaf_<k>.npy`
 and a restore copies them back into the memmaps of the template, in place. A
 round's table files are removed when orbax drops the round (``max_to_keep``). A
 table saved in one form restores into another (device, numpy or memmap template).
+
+Every save is verified: once orbax has finished writing round r, a SHA-256 of the saved
+leaves (values, dtypes, shapes; memmap tables excepted) goes to
+``<directory>/digests/<r>.json``, and a restore recomputes it. ``restore_latest_valid``
+takes the newest checkpoint that reads back and matches its digest: a corrupt or
+unreadable newer one is moved aside to ``<directory>.corrupt/<r>-<time>`` (never
+deleted), with one line saying which and why.
 """
+import datetime
+import hashlib
+import json
 import os
 import shutil
+import sys
 from typing import Optional
 
 import jax
@@ -18,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 HOST_TABLES = "host_tables"
+DIGESTS = "digests"
 _BLOCK_BYTES = 64 << 20   # rows copied at a time between memmaps
 
 
@@ -45,6 +57,18 @@ def _without_memmaps(tree):
   memmaps = [x for x in leaves if isinstance(x, np.memmap)]
   kept = [None if isinstance(x, np.memmap) else x for x in leaves]
   return jax.tree.unflatten(treedef, kept), memmaps
+
+
+def digest(tree) -> str:
+  """SHA-256 of a state's leaves in order (dtype, shape and bytes; memmaps skipped)."""
+  h = hashlib.sha256()
+  for x in jax.tree.leaves(tree):
+    if isinstance(x, np.memmap):
+      continue
+    a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 class Checkpointer:
@@ -88,16 +112,74 @@ class Checkpointer:
       os.rename(partial, final)
     self._manager.save(round_, args=ocp.args.StandardSave(tree))
     self._manager.wait_until_finished()
+    # The digest is written only once the step is complete on disk.
+    os.makedirs(os.path.join(self.directory, DIGESTS), exist_ok=True)
+    path = self._digest_path(round_)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"round": round_, "sha256": digest(tree)}, f)
+    os.replace(path + ".tmp", path)
     self._prune_tables()
 
+  def _digest_path(self, round_: int) -> str:
+    return os.path.join(self.directory, DIGESTS, f"{round_}.json")
+
+  def saved_digest(self, round_: int) -> Optional[str]:
+    """The digest written after round ``round_``'s save (None: none was written)."""
+    try:
+      with open(self._digest_path(round_)) as f:
+        return json.load(f)["sha256"]
+    except (OSError, ValueError, KeyError):
+      return None
+
+  def _set_aside(self, round_: int) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(self.directory + ".corrupt", f"{round_}-{stamp}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(round_)), target)
+    if os.path.exists(self._digest_path(round_)):
+      shutil.move(self._digest_path(round_), os.path.join(target, "digest.json"))
+    self._manager.reload()
+    return target
+
+  def restore_latest_valid(self, template):
+    """``(state, round)`` from the newest checkpoint that restores and matches its digest.
+
+    Newer checkpoints that fail are moved aside (``<directory>.corrupt``) with one line
+    each on stderr. Raises CheckpointError (naming every round tried and why) if none
+    is usable.
+    """
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(template, step)
+      except CheckpointError as e:
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        reason = f"corrupt or unreadable: {type(cause).__name__}: {first}"
+      else:
+        expected = self.saved_digest(step)
+        if expected is None or expected == digest(_without_memmaps(state)[0]):
+          for bad, why in failures:
+            where = self._set_aside(bad)
+            print(f"warning: checkpoint round {bad} in {self.directory} is unusable ({why}); "
+                  f"moved to {where}; resuming from round {step}.", file=sys.stderr)
+          return state, step
+        reason = "its content does not match the digest written when it was saved"
+      failures.append((step, reason))
+    tried = "; ".join(f"round {s}: {why}" for s, why in failures)
+    raise CheckpointError(f"No usable checkpoint in {self.directory} ({tried}). Nothing was "
+                          f"changed; use a new --workdir to start afresh.")
+
   def _prune_tables(self) -> None:
-    root = os.path.join(self.directory, HOST_TABLES)
-    if not os.path.isdir(root):
-      return
     kept = {str(step) for step in self._manager.all_steps()}
-    for name in os.listdir(root):
+    root = os.path.join(self.directory, HOST_TABLES)
+    for name in os.listdir(root) if os.path.isdir(root) else ():
       if name not in kept:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    digests = os.path.join(self.directory, DIGESTS)
+    for name in os.listdir(digests) if os.path.isdir(digests) else ():
+      if name.split(".")[0] not in kept:
+        os.remove(os.path.join(digests, name))
 
   def restore(self, template, round_: Optional[int] = None):
     """Restores into the structure of ``template``; raises CheckpointError if unreadable.
@@ -122,6 +204,8 @@ class Checkpointer:
                                                (0,) * x.ndim)
       if type(x) is np.ndarray:   # pylint: disable=unidiomatic-typecheck
         return x                  # restores as numpy: a host table stays on the host
+      if isinstance(x, np.generic):   # a numpy scalar (orbax has no such type)
+        return ocp.utils.to_shape_dtype_struct(jax.numpy.asarray(x))
       return ocp.utils.to_shape_dtype_struct(x)
 
     try:
@@ -131,10 +215,11 @@ class Checkpointer:
       if len(restored_leaves) != len(leaves):
         raise ValueError(f"{len(restored_leaves)} leaves saved, {len(leaves)} expected")
     except Exception as e:
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
       raise CheckpointError(
           f"Checkpoint for round {step} in {self.directory} is corrupt or does not match "
-          f"this run's state ({type(e).__name__}: {e}). The directory was left untouched; "
-          f"move it away or use a new --workdir to start afresh.") from e
+          f"this run's state ({type(e).__name__}: {first}). The directory was left "
+          f"untouched; use a new --workdir to start afresh.") from e
     # Leaves that orbax did not hold were saved as table files, in leaf order.
     missing = [i for i, (r, t) in enumerate(zip(restored_leaves, leaves))
                if r is None and t is not None]

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import sys
 from typing import Callable, Mapping, Optional
 
 import jax
@@ -142,19 +143,48 @@ def to_python(metrics: Mapping) -> dict:
   return out
 
 
+def _move_aside(path: str, copy: bool = False) -> str:
+  """Moves (or copies) ``path`` to ``path.<timestamp>``; returns the new name."""
+  import datetime
+  import shutil
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+  target = f"{path}.{stamp}"
+  (shutil.copy2 if copy else shutil.move)(path, target)
+  return target
+
+
 class JsonlWriter:
   """Appends one JSON object per line; on resume drops lines past the restored round."""
 
   def __init__(self, path: str, resume_round: Optional[int] = None):
     self.path = path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if resume_round is not None and os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("round", 0) <= resume_round]
+    if not os.path.exists(path):
+      return
+    if resume_round is None:     # a fresh start: the old file is kept beside, not deleted
+      moved = _move_aside(path)
+      print(f"warning: {path} is from an earlier run; moved to {moved}.", file=sys.stderr)
+      return
+    with open(path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        if i == len(lines) - 1:   # a write cut short by a crash
+          print(f"warning: {path}: dropped a torn last line (line {i + 1}).", file=sys.stderr)
+          break
+        raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); fix or move the file "
+                         f"before resuming.") from e
+      if record.get("round", 0) <= resume_round:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+      moved = _move_aside(path, copy=True)
+      print(f"warning: {path} cut back to round {resume_round} (the restored checkpoint); "
+            f"the full file is kept as {moved}.", file=sys.stderr)
       with open(path, "w") as f:
         f.writelines(kept)
-    elif resume_round is None and os.path.exists(path):
-      os.remove(path)
 
   def write(self, record: Mapping) -> None:
     with open(self.path, "a") as f:

@@ -14,6 +14,7 @@ the table too (``checkpoint.py``).
 """
 import dataclasses
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -32,7 +33,14 @@ from fedjax_lab.data.federated import FederatedData
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN/inf; the last good state was kept."""
+  """The training loss became NaN/inf; the last good state was kept.
+
+  ``round``: the first round whose loss was not finite (None if not known).
+  """
+
+  def __init__(self, message: str, round_: Optional[int] = None):
+    super().__init__(message)
+    self.round = round_
 
 
 class CohortOverflowError(ValueError):
@@ -286,13 +294,16 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
   checkpointer, writer, resumed_from = None, None, None
   if opts.workdir:
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(opts.workdir, "checkpoints"))
-    resumed_from = checkpointer.latest_round()
-    if resumed_from is not None:
+    if checkpointer.latest_round() is not None:
+      # The newest checkpoint that reads back and matches its digest (older ones if not).
       if host:   # the full state, table included, is one checkpoint
-        restored = checkpointer.restore(full_state(state, table))
+        restored, resumed_from = checkpointer.restore_latest_valid(full_state(state, table))
         state, table = restored._replace(client_states=()), restored.client_states
       else:
-        state = checkpointer.restore(state)
+        state, resumed_from = checkpointer.restore_latest_valid(state)
+      if distributed.is_lead_process():
+        print(f"resumed from round {resumed_from} (checkpoint {checkpointer.directory}/"
+              f"{resumed_from})", file=sys.stderr)
   lead = distributed.is_lead_process()
   # With several processes (sharded): global arrays replicated over every process's
   # devices (a restore lands on one local device, which a multi-process jit refuses),
@@ -340,7 +351,7 @@ def run_loop(algorithm: FederatedAlgorithm, init_params, data: FederatedData,
           where = f" It is saved in {checkpointer.directory} (round {current})."
         raise NonFiniteLossError(
             f"Training loss became non-finite at round {first_bad}; the last good state is "
-            f"round {current}.{where} Lower the learning rates or check the data.")
+            f"round {current}.{where} Lower the learning rates or check the data.", first_bad)
       overflow = np.flatnonzero(chunk.get("cohort_overflow", np.zeros(1)) > 0)
       if overflow.size:
         i = int(overflow[0])

@@ -1,5 +1,6 @@
 """Builds a run from a config: data, model, method; shared by launch scripts and notebooks."""
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Optional
 
@@ -41,6 +42,37 @@ def robust_attacks_from_config(config) -> Optional[dict]:
       pgd_step_size=cfg.get("pgd_step_size"), rand_init=cfg.get("rand_init", True),
       fgsm=cfg.get("fgsm", True), clip_min=cfg.get("clip_min", 0.0),
       clip_max=cfg.get("clip_max", 1.0))
+
+
+def check_names(config) -> None:
+  """Raises ValueError for an unknown algorithm, partition or model name, before any
+  data loads (each message lists the known names)."""
+  if config.get("algorithm") not in algorithms.REGISTRY:
+    known = ", ".join(sorted(algorithms.REGISTRY))
+    raise ValueError(f"Unknown algorithm {config.get('algorithm')!r}; known algorithms: {known}.")
+  if "partition" in config and config.partition not in data_lib.PARTITION_NAMES:
+    raise ValueError(f"Unknown partition {config.partition!r}; known: "
+                     f"{', '.join(data_lib.PARTITION_NAMES)}.")
+  if "model" in config and config.model not in models_lib.MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; known: {', '.join(models_lib.MODELS)}.")
+
+
+def divergence(history, factor: float, summary: Optional[dict] = None) -> dict:
+  """``{'diverged', 'diverged_round'}``: the first round whose train_loss is not finite
+  or exceeds ``factor`` times the first round's, or else (a run that blew up in its
+  first round) a final ``test_loss`` above ``factor`` times the summary's
+  ``initial_test_loss`` (the round: the last). ``factor <= 0``: non-finite only."""
+  losses = [(h["round"], h.get("train_loss")) for h in history
+            if h.get("train_loss") is not None]
+  for round_, loss in losses:
+    if not math.isfinite(loss) or (factor > 0 and loss > factor * max(losses[0][1], 1e-12)):
+      return {"diverged": True, "diverged_round": round_}
+  summary = summary or {}
+  initial, final = summary.get("initial_test_loss"), summary.get("test_loss")
+  if initial is not None and final is not None and (
+      not math.isfinite(final) or (factor > 0 and final > factor * max(initial, 1e-12))):
+    return {"diverged": True, "diverged_round": summary.get("rounds")}
+  return {"diverged": False, "diverged_round": None}
 
 
 def build(config) -> Experiment:
@@ -132,11 +164,13 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
       rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress,
       writers=tuple(writers))
   evaluate = exp.evaluate or metrics_lib.make_evaluator(exp.model)
+  initial = metrics_lib.to_python(evaluate(exp.init_params, exp.test_arrays))
   state, history = training.train(exp.algorithm, exp.init_params, exp.train_data,
                                   evaluate, exp.test_arrays, opts)
   final = metrics_lib.to_python(evaluate(state.params, exp.test_arrays))
   summary = {"algorithm": config.algorithm, "rounds": int(state.round),
              "test_accuracy": final["accuracy"], "test_loss": final["loss"],
+             "initial_test_loss": initial["loss"],
              "train_loss": history[-1]["train_loss"] if history else None,
              "backend": config.backend, "num_clients": exp.train_data.num_clients,
              "clients_per_round": config.clients_per_round,

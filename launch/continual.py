@@ -110,14 +110,13 @@ def main(argv):
   from fedjax_lab import checkpoint
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from launch import workdir as workdir_lib
+  workdir_lib.quiet_logs()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
-    _, summary = run(config, workdir, flags.FLAGS.progress)
+    with workdir_lib.open_run(workdir, config):
+      _, summary = run(config, workdir, flags.FLAGS.progress)
   except (ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -129,12 +128,17 @@ def _define_flags():
   # other launch scripts without clashing flag names.
   from absl import flags
   from ml_collections import config_flags
+  default = os.path.join(os.path.dirname(__file__), "configs", "fot_permuted_digits.py")
+  from launch import workdir as workdir_lib
+  workdir_lib.exit_on_unknown_override(sys.argv, default)
   config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "configs", "fot_permuted_digits.py"),
+      "config", default,
       "Path to an ml_collections config file (optionally path:algorithm); override fields "
       "with --config.KEY=VALUE.")
   flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints (resumes).")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  from launch import workdir as workdir_lib   # --resume, --verbose_logs
+  del workdir_lib
 
 
 if __name__ == "__main__":

@@ -127,13 +127,12 @@ def main(argv, config_flag, workdir_flag, progress_flag):
   from fedjax_lab import checkpoint
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from launch import workdir as workdir_lib
+  workdir_lib.quiet_logs()
   config = config_flag.value
-  if workdir_flag.value:
-    os.makedirs(workdir_flag.value, exist_ok=True)
-    with open(os.path.join(workdir_flag.value, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
-    _, _, summary = run(config, workdir_flag.value, progress_flag.value)
+    with workdir_lib.open_run(workdir_flag.value, config):
+      _, _, summary = run(config, workdir_flag.value, progress_flag.value)
   except (ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -143,8 +142,11 @@ def main(argv, config_flag, workdir_flag, progress_flag):
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+  from launch import workdir as workdir_lib
+  _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "fzoos_synthetic.py")
+  workdir_lib.exit_on_unknown_override(sys.argv, _DEFAULT)
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "configs", "fzoos_synthetic.py"),
+      "config", _DEFAULT,
       "Path to an ml_collections config file; override fields with --config.KEY=VALUE.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
   _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")

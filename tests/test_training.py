@@ -98,7 +98,7 @@ def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
       with open(path, "wb") as f:
         f.write(b"not a checkpoint")
       corrupted.append(path)
-  with pytest.raises(checkpoint.CheckpointError, match="round 2 .* corrupt") as info:
+  with pytest.raises(checkpoint.CheckpointError, match=r"round 2\b.*corrupt") as info:
     small_run(method, workdir, 4)
   assert os.path.join(workdir, "checkpoints") in str(info.value)
   assert all(open(p, "rb").read() == b"not a checkpoint" for p in corrupted)

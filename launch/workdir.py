@@ -1,0 +1,263 @@
+"""A run directory nobody can corrupt: one writer, a config fingerprint, a resume policy.
+
+Every launch script that takes ``--workdir`` opens it with ``open_run``:
+
+* **one writer**: ``WORKDIR/.lock`` holds the owner's pid and host; a second run fails
+  at once naming them; a lock left by a process that no longer runs (same host) is
+  taken over with a message;
+* **fingerprint**: the config minus the keys that may change on resume without
+  changing the numbers (``RESUME_SAFE_KEYS``) is stored in ``WORKDIR/fingerprint.json``;
+  resuming with a different one stops, listing the differing keys, before anything in
+  the directory changes (``config.json`` is written only after the checks);
+* **resume policy** (``--resume``): ``auto`` continues a run whose checkpoints match,
+  ``never`` refuses a directory that holds checkpoints, ``require`` refuses one that
+  holds none.
+
+``exit_on_unknown_override`` turns an unknown ``--config.KEY`` into one line naming the
+closest known keys, and ``quiet_logs`` silences orbax's and the TPU probe's INFO lines.
+"""
+import contextlib
+import datetime
+import difflib
+import json
+import os
+import socket
+import sys
+from typing import Iterator, Optional
+
+from absl import flags
+
+RESUME_POLICIES = ("auto", "never", "require")
+# Keys that only change how far and how often a run goes, never its numbers.
+RESUME_SAFE_KEYS = ("rounds", "rounds_per_call", "eval_every", "checkpoint_every")
+LOCK = ".lock"
+FINGERPRINT = "fingerprint.json"
+
+RESUME = flags.DEFINE_enum(
+    "resume", "auto", RESUME_POLICIES,
+    "With --workdir: auto (continue matching checkpoints, else start), never (refuse a "
+    "directory with checkpoints), require (refuse one without).")
+VERBOSE_LOGS = flags.DEFINE_bool(
+    "verbose_logs", False, "Show orbax's and JAX's INFO log lines (off: warnings only).")
+
+
+class WorkdirError(ValueError):
+  """The run directory cannot be used as asked; nothing in it was changed."""
+
+
+def quiet_logs() -> None:
+  """Warnings and errors only from absl logging (orbax's per-save INFO lines, the TPU
+  probe), unless ``--verbose_logs``."""
+  from absl import logging
+  if not (flags.FLAGS.is_parsed() and VERBOSE_LOGS.value):
+    logging.set_verbosity(logging.WARNING)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flat(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _jsonable(value):
+  """``value`` as it reads back from JSON (tuples become lists), or its repr."""
+  try:
+    return json.loads(json.dumps(value))
+  except (TypeError, ValueError):
+    return repr(value)
+
+
+def fingerprint(config) -> dict:
+  """The config's keys (dotted) and values that fix a run's numbers."""
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return {k: _jsonable(v) for k, v in sorted(_flat(values).items())
+          if k not in RESUME_SAFE_KEYS}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+  """``'key: saved -> now'`` for every key whose value differs (or exists on one side)."""
+  missing = object()
+  lines = []
+  for key in sorted(set(saved) | set(now)):
+    a, b = saved.get(key, missing), now.get(key, missing)
+    if a != b:
+      show = lambda v: "(absent)" if v is missing else json.dumps(v)
+      lines.append(f"{key}: {show(a)} -> {show(b)}")
+  return lines
+
+
+def saved_rounds(workdir: str) -> list[int]:
+  """Rounds with an orbax checkpoint in ``WORKDIR/checkpoints``."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root)
+                if d.isdigit() and os.path.isdir(os.path.join(root, d)))
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:     # exists, owned by someone else
+    return True
+  return True
+
+
+def acquire_lock(workdir: str) -> str:
+  """Creates ``WORKDIR/.lock`` for this process; raises WorkdirError if a live run holds it."""
+  path = os.path.join(workdir, LOCK)
+  me = {"pid": os.getpid(), "host": socket.gethostname(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds")}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          owner = json.load(f)
+        pid, host = int(owner["pid"]), str(owner["host"])
+      except (OSError, ValueError, KeyError, TypeError):
+        print(f"warning: {path} is unreadable; taking the lock over.", file=sys.stderr)
+        os.remove(path)
+        continue
+      if host == me["host"] and not _alive(pid):
+        print(f"warning: {path} was left by pid {pid} on {host}, which no longer runs; "
+              f"taking the lock over.", file=sys.stderr)
+        os.remove(path)
+        continue
+      raise WorkdirError(
+          f"{workdir} is in use by pid {pid} on host {host} (since "
+          f"{owner.get('started', '?')}); one run per workdir: wait for it or use another "
+          f"--workdir (if that process is gone, remove {path}).")
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    return path
+  raise WorkdirError(f"Could not take the lock {path}.")
+
+
+def release_lock(path: str) -> None:
+  try:
+    with open(path) as f:
+      if int(json.load(f)["pid"]) != os.getpid():
+        return
+    os.remove(path)
+  except (OSError, ValueError, KeyError):
+    pass
+
+
+def check_resume(workdir: str, config, resume: str = "auto") -> Optional[int]:
+  """Raises WorkdirError if this config may not run in ``workdir`` under ``resume``.
+
+  Returns the latest saved round (None: a fresh start). Reads only.
+  """
+  if resume not in RESUME_POLICIES:
+    raise WorkdirError(f"Unknown resume policy {resume!r}; choose one of "
+                       f"{', '.join(RESUME_POLICIES)}.")
+  rounds = saved_rounds(workdir)
+  if not rounds:
+    if resume == "require":
+      raise WorkdirError(f"--resume=require but {workdir} holds no checkpoint.")
+    return None
+  if resume == "never":
+    raise WorkdirError(f"{workdir} holds checkpoints (rounds {', '.join(map(str, rounds))}) "
+                       f"and --resume=never; use a new --workdir.")
+  path = os.path.join(workdir, FINGERPRINT)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise WorkdirError(f"{path} is unreadable ({e}); it fingerprints the checkpoints in "
+                         f"{workdir}. Use a new --workdir.") from e
+    diff = differences(saved, fingerprint(config))
+    if diff:
+      raise WorkdirError(
+          f"{workdir} holds checkpoints of a different run; resuming would mix them. "
+          f"Differing config keys (saved -> now): {'; '.join(diff)}. Use the saved values, "
+          f"or a new --workdir (only {', '.join(RESUME_SAFE_KEYS)} may change on resume).")
+  return rounds[-1]
+
+
+@contextlib.contextmanager
+def open_run(workdir: Optional[str], config, resume: Optional[str] = None) -> Iterator[None]:
+  """Holds ``workdir`` for one run: lock, fingerprint and resume checks, then
+  ``config.json`` and ``fingerprint.json``; the lock is released on exit. No-op
+  without a workdir."""
+  if not workdir:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  lock = acquire_lock(workdir)
+  try:
+    if resume is None:
+      resume = RESUME.value if flags.FLAGS.is_parsed() else "auto"
+    check_resume(workdir, config, resume)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+              else json.dumps(dict(config), indent=2, default=repr))
+    with open(os.path.join(workdir, FINGERPRINT), "w") as f:
+      json.dump(fingerprint(config), f, indent=1)
+    yield
+  finally:
+    release_lock(lock)
+
+
+def _config_keys(config) -> list[str]:
+  return sorted(_flat(config.to_dict()))
+
+
+def unknown_override(argv, config, flag: str = "config") -> Optional[str]:
+  """The first ``--config.KEY`` of ``argv`` that ``config`` lacks, as a one-line message
+  naming the closest known keys; None if all exist."""
+  known = set(_config_keys(config))
+  prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+  for arg in argv[1:]:
+    if not arg.startswith(f"--{flag}."):
+      continue
+    key = arg[len(flag) + 3:].split("=", 1)[0]
+    if key not in known and key not in prefixes:
+      close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
+      hint = f"; closest known keys: {', '.join(close)}" if close else ""
+      return f"error: unknown config key {key!r}{hint}."
+  return None
+
+
+def load_config_file(argv, default_path: str, flag: str = "config"):
+  """The config named by ``--config=PATH[:ARG]`` in ``argv`` (or ``default_path``)."""
+  import importlib.util
+  spec_arg = default_path
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith(f"--{flag}="):
+      spec_arg = arg.split("=", 1)[1]
+    elif arg == f"--{flag}" and i + 1 < len(argv):
+      spec_arg = argv[i + 1]
+  path, _, option = spec_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_launch_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(option) if option else module.get_config()
+
+
+def exit_on_unknown_override(argv, default_config_path: str, flag: str = "config") -> None:
+  """Exits with one line (status 2) if ``argv`` overrides a key the config lacks.
+
+  Call it before ``config_flags.DEFINE_config_file``, which applies the overrides (and
+  raises a long traceback for an unknown key) as soon as it is defined.
+  """
+  if not any(a.startswith(f"--{flag}.") for a in argv[1:]):
+    return
+  try:
+    config = load_config_file(argv, default_config_path, flag)
+  except Exception:  # pylint: disable=broad-except (ml_collections reports a bad file)
+    return
+  message = unknown_override(argv, config, flag)
+  if message:
+    print(message, file=sys.stderr)
+    sys.exit(2)
