@@ -341,6 +341,10 @@ def test_launch_keys_build_the_compressed_method_and_reject_bad_ones():
   state = run_rounds(method, data, params, 1)[-1]
   assert compression.report(state)["uplink_bits"] == 5 * ((4 * 3 + 32) + (4 + 32))
   assert compression_launch.apply_compression(base, ml_collections.ConfigDict({})) is base
+  from launch.configs import fal_digits, fedavg_digits
+  for get_config in (fedavg_digits.get_config, fal_digits.get_config):   # shared keys, off
+    assert compression_launch.apply_compression(base, get_config()) is base
+    assert get_config().compression == "none" and get_config().error_feedback is False
   for bad, match in (({"compression": "zip"}, "Unknown compression"),
                      ({"error_feedback": True}, "needs a compressor"),
                      ({"compression": "qsgd", "compression_bits": 1}, "bits in"),
