@@ -477,6 +477,9 @@ def compressed(method: FederatedAlgorithm, uplink: Compressor, *,
     downlink: compressor of the broadcast model (None: sent as it is).
     seed: base key of the compressors' randomness (shared by clients and server).
 
+  Apply it after ``byzantine.with_attack`` (as ``launch.common.build`` does): tagging
+  a compressed method again rebuilds its client state without ``'ef'``.
+
   Returns:
     A ``byzantine.TaggedAlgorithm`` (the client id keys each client's randomness);
     ``report(state)`` gives the bit totals, ``round_metrics`` adds ``uplink_bits``,
