@@ -13,6 +13,7 @@ from fedjax_lab import sampling
 from fedjax_lab import models as models_lib
 from fedjax_lab import training
 from fedjax_lab.models import text as text_models
+from launch import compression as compression_launch
 from launch import robust
 
 
@@ -111,6 +112,8 @@ def build(config) -> Experiment:
   method = algorithms.build(config.algorithm, config, example_loss)
   # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
   method = robust.apply_robustness(method, config, train_data.num_clients)
+  # Compressed uplink / downlink (config.compression, ...; 'none': unchanged).
+  method = compression_launch.apply_compression(method, config)
   return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
 
 
@@ -178,6 +181,7 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
   summary.update({k: config[k] for k in ("aggregator", "attack", "malicious_fraction") if k in config})
   summary.update(robust.privacy_report(config, exp.train_data.num_clients, int(state.round)))
   summary.update(sampling_info)
+  summary.update(compression_launch.report(exp.algorithm, state))
   if "robust_accuracy" in final:
     # Robust evaluation (config.robust_eval): accuracy under each attack at radius eps.
     summary.update({k: v for k, v in final.items() if k not in ("accuracy", "loss")})

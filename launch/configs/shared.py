@@ -15,6 +15,9 @@ def add_robustness(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for key, value in defaults().items(preserve_field_references=True):
     if key not in config:
       config[key] = value
+  for key, value in compression_defaults().items(preserve_field_references=True):
+    if key not in config:
+      config[key] = value
   return config
 
 
@@ -61,4 +64,21 @@ def defaults() -> ml_collections.ConfigDict:
   # Simulate a deployment of M clients per round (noise z clip C / M on the sum of C);
   # the summary's dp_noise_cohort_epsilon is that deployment's, dp_epsilon this run's.
   config.dp.noise_cohort_size = config_dict.placeholder(int)
+  return config
+
+
+def compression_defaults() -> ml_collections.ConfigDict:
+  """Compressed communication (``launch/compression.py``'s table); off while
+  ``compression`` and ``downlink_compression`` are ``'none'``."""
+  config = ml_collections.ConfigDict()
+  config.compression = "none"          # identity, top_k, random_k, sign, sign_vote, qsgd, rotated, fedzip
+  config.compression_bits = 4          # qsgd, rotated
+  config.compression_fraction = 0.01   # top_k, random_k, fedzip (top-z)
+  config.compression_norm = "linf"     # qsgd: linf (uniform quantisation) | l2 (QSGD eq. 1)
+  config.compression_bucket = config_dict.placeholder(int)   # qsgd bucket; None: whole layer
+  config.compression_clusters = 3      # fedzip k-means centroids
+  config.compression_keys = "delta"    # message entries compressed (SCAFFOLD: delta,control_delta)
+  config.error_feedback = False
+  config.error_feedback_kind = "ef"    # ef | ef21
+  config.downlink_compression = "none"
   return config
