@@ -175,3 +175,28 @@ def test_staleness_functions():
   np.testing.assert_array_equal(staleness.constant()(tau), np.ones(8))
   with pytest.raises(ValueError, match="Unknown staleness"):
     staleness.get("linear")
+
+
+def test_async_train_runs_resumes_and_reports(tmp_path):
+  from launch import async_train
+  from launch.configs import async_digits
+  config = async_digits.get_config()
+  config.num_clients, config.concurrency, config.buffer_size = 20, 4, 2
+  config.local_epochs, config.updates, config.eval_every, config.rounds_per_call = 1, 4, 2, 2
+  config.target_accuracy = 0.0      # reached at the first evaluation
+  workdir = str(tmp_path / "run")
+  state, history, summary = async_train.run(config, workdir, progress=False)
+  assert summary["server_steps"] == 4 and summary["updates_applied"] == 4
+  assert summary["arrivals"] == 8 == sum(summary["staleness_hist"])
+  first_eval = next(r for r in history if "test_accuracy" in r)
+  assert summary["time_to_target_s"] == first_eval["sim_time"] == history[1]["sim_time"]
+  assert summary["simulated_time_s"] == pytest.approx(history[-1]["sim_time"])
+  config.updates = 6
+  state2, history2, summary2 = async_train.run(config, workdir, progress=False)
+  assert [r["round"] for r in history2] == [5, 6]          # resumed from update 4
+  assert summary2["simulated_time_s"] > summary["simulated_time_s"]
+  config.target_accuracy = 1.01
+  assert async_train.time_to_target(history2, 1.01) is None
+  config.algorithm = "fedsomething"
+  with pytest.raises(ValueError, match="Unknown asynchronous algorithm"):
+    async_train.run(config, None, progress=False)
