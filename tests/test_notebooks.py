@@ -28,6 +28,8 @@ NOTEBOOK_PARAMETERS: dict[str, dict] = {
                      "noise_multipliers": (1.0,)},
     "fot.ipynb": {"num_tasks": 2},
     "fal.ipynb": {"eps_grid": (0.0, 0.2)},
+    "async.ipynb": {"sync_rounds": 3, "num_clients": 30, "concurrency": 6,
+                    "methods": ("fedavg_sync", "fedbuff")},
 }
 CELL_TIMEOUT_S = 300
 # Plots a notebook must show (image outputs), so a figure that renders as text fails.
