@@ -177,6 +177,7 @@ def test_staleness_functions():
     staleness.get("linear")
 
 
+@pytest.mark.slow
 def test_async_train_runs_resumes_and_reports(tmp_path):
   from launch import async_train
   from launch.configs import async_digits
@@ -200,3 +201,51 @@ def test_async_train_runs_resumes_and_reports(tmp_path):
   config.algorithm = "fedsomething"
   with pytest.raises(ValueError, match="Unknown asynchronous algorithm"):
     async_train.run(config, None, progress=False)
+
+
+def test_system_trace_availability_and_next_start(tmp_path):
+  path = tmp_path / "trace.csv"
+  path.write_text("client_id,compute_s_per_step,comm_s\n1,0.5,2\n0,0.25,1\n")
+  compute, comm = system_lib.read_trace(str(path), 2)
+  np.testing.assert_array_equal(compute, [0.25, 0.5])
+  np.testing.assert_array_equal(comm, [1.0, 2.0])
+  path.write_text("0,0.25,1\n")
+  with pytest.raises(ValueError, match="no row for clients"):
+    system_lib.read_trace(str(path), 2)
+  # Client 0 on in bins 2-3, client 1 in bin 5 (bins of 10 s, period 60 s).
+  table = np.zeros((2, 6), bool)
+  table[0, 2:4] = True
+  table[1, 5] = True
+  system = system_lib.SystemModel(jnp.ones(2), jnp.zeros(2), jnp.asarray(table), jnp.float32(10.0))
+  for t, free, start, who in ((0.0, [1, 1], 20.0, [1, 0]), (25.0, [1, 1], 25.0, [1, 0]),
+                              (25.0, [0, 1], 50.0, [0, 1]), (55.0, [1, 0], 80.0, [1, 0])):
+    s, c = system_lib.next_start(system, jnp.float32(t), jnp.asarray(free, bool))
+    assert float(s) == start and np.asarray(c).tolist() == [bool(w) for w in who]
+  s, _ = system_lib.next_start(system, jnp.float32(0.0), jnp.zeros(2, bool))
+  assert np.isinf(float(s))
+  on = np.asarray(system_lib.markov(jax.random.PRNGKey(0), 2000, 50, 0.1, 0.3))
+  assert abs(on.mean() - 0.75) < 0.02          # stationary p_on / (p_on + p_off)
+  assert abs(np.asarray(system_lib.diurnal(jax.random.PRNGKey(0), 500, 24, 0.25)).mean() - 0.25) < 0.01
+
+
+def test_fedau_weights_are_online_mean_intervals():
+  init, reweight = methods.fedau_reweight(cutoff=3)
+  stats = init(3)
+  participants = [[0], [1], [0], [], [], [0, 2]]
+  counter, sums, counts = np.zeros(3), np.zeros(3), np.zeros(3)
+  for part in participants:
+    valid = np.array([True] * len(part) + [False] * (2 - len(part)))
+    ids = np.array(part + [0] * (2 - len(part)))
+    arr = clock.Arrivals(jnp.asarray(valid), jnp.asarray(ids), *(jnp.zeros(2),) * 3,
+                         jnp.zeros(2, jnp.int32))
+    fake = clock.ClockState(*([None] * 15), stats=stats)
+    factor, stats = reweight(fake, arr)
+    counter += 1
+    for n in range(3):
+      if n in part or counter[n] >= 3:
+        sums[n] += min(counter[n], 3)
+        counts[n] += 1
+        counter[n] = 0
+    omega = sums / np.maximum(counts, 1)
+    np.testing.assert_allclose(np.asarray(factor)[:len(part)],
+                               [omega[n] * len(part) / 3 for n in part], rtol=1e-6)
