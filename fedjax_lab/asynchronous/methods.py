@@ -27,10 +27,8 @@ server_tx are used unchanged -- and says how the clock runs it (``clock.AsyncSpe
   ``omega_n`` is the online mean of its participation intervals, cut off at ``K``;
   ``x <- x + (eta / N) sum_{n in S} omega_n Delta_n``.
 """
-import dataclasses
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from fedjax_lab.algorithm import FederatedAlgorithm
