@@ -41,6 +41,8 @@ _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the s
 _WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
 _PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
                            "workload, each in its own venv (see launch/peers).")
+_ASYNC = flags.DEFINE_bool("async_clock", False, "Also time a step of the asynchronous clock "
+                           "against a synchronous round that trains as many clients.")
 _PEERS_DIR = flags.DEFINE_string("peers_dir", None, "Folder of the peer venvs (default "
                                  "$FEDJAX_LAB_PEERS_DIR or ~/.cache/fedjax_lab/peers).")
 
@@ -351,6 +353,35 @@ def write_markdown(path, tables):
     f.write(text)
 
 
+def async_clock_rows(repeats, steps=10):
+  """Clock steps (``fedjax_lab.asynchronous``) against ``make_round`` rounds training the
+  same number of clients: sync FedAvg under the clock (M = 20) vs a round of 20, FedBuff
+  (K = 10 of 20 in flight) vs a round of 10; ``steps`` steps per jitted scan."""
+  from fedjax_lab.asynchronous import clock, methods, system
+  data = digits_population(100)
+  model = models.mlp((200,), 10)
+  params = model.init(jax.random.PRNGKey(0), data.arrays["x"][:1])
+  base = fedavg(models.classification_loss(model), 0.05, schedule=LocalSchedule(10, epochs=2),
+                weighting="uniform")
+  arrays, offsets = data.device_arrays()
+  sysm = system.make_system(jax.random.PRNGKey(1), data.num_clients)
+  rows = []
+  for name, (alg, spec), cohort in (("fedavg_sync_clock", methods.fedavg_sync(base, 20), 20),
+                                    ("fedbuff_clock", methods.fedbuff(base, 20, 10), 10)):
+    sim = clock.make_async(alg, data, sysm, spec)
+    state = jax.jit(sim.init)(params, jax.random.PRNGKey(0), arrays, offsets)
+    run_steps = jax.jit(lambda st, a, o: jax.lax.scan(lambda c, _: sim.step(c, a, o), st, None,
+                                                      length=steps))
+    _, step_s = _time(lambda: run_steps(state, arrays, offsets), repeats)
+    rounds = make_multi_round(make_round(base, data, cohort), "vmap")
+    state_r = base.init(params, jax.random.PRNGKey(0), data.num_clients)
+    _, round_s = _time(lambda: rounds(state_r, arrays, offsets, steps), repeats)
+    rows.append({"workload": name, "clients_trained_per_step": cohort,
+                 "clock_step_ms": 1e3 * step_s / steps, "round_ms": 1e3 * round_s / steps,
+                 "clock_step_over_round": step_s / round_s})
+  return rows
+
+
 def main(argv):
   del argv
   quick = _QUICK.value
@@ -372,6 +403,11 @@ def main(argv):
     sweep = cohort_sweep(quick, repeats)
     for row in sweep:
       print(json.dumps(row), flush=True)
+  clock_rows = []
+  if _ASYNC.value:
+    clock_rows = async_clock_rows(repeats)
+    for row in clock_rows:
+      print(json.dumps(row), flush=True)
   peer_rows = []
   if _PEERS.value:
     import tempfile
@@ -385,7 +421,7 @@ def main(argv):
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "benchmarks.json"), "w") as f:
-      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep + peer_rows},
+      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep + peer_rows + clock_rows},
                 f, indent=1)
     if sweep:
       plot_sweep(sweep, os.path.join(_OUT.value, "benchmark_cohort_sweep.png"))
@@ -393,8 +429,8 @@ def main(argv):
     write_markdown(os.path.join(_OUT.value, "benchmarks.md"),
                    markdown_tables(rows + sweep, devices, quick))
   summary = {"devices": jax.device_count(), "quick": quick}
-  for row in rows + sweep:
-    for key in ("round_over_limit", "loop_over_vmap", "naive_over_ours", "ours_over_bare",
+  for row in rows + sweep + clock_rows:
+    for key in ("clock_step_over_round", "round_over_limit", "loop_over_vmap", "naive_over_ours", "ours_over_bare",
                 "fedjax_default_over_ours", "flower_over_ours"):
       if key in row:
         summary[f"{row['workload']}.{key}"] = round(row[key], 3)

@@ -29,6 +29,8 @@ NOTEBOOK_PARAMETERS: dict[str, dict] = {
     "fot.ipynb": {"num_tasks": 2},
     "fal.ipynb": {"eps_grid": (0.0, 0.2)},
     "communication.ipynb": {"compressors": ("identity", "fedzip")},
+    "async.ipynb": {"sync_rounds": 3, "num_clients": 30, "concurrency": 6,
+                    "methods": ("fedavg_sync", "fedbuff")},
 }
 CELL_TIMEOUT_S = 300
 # Plots a notebook must show (image outputs), so a figure that renders as text fails.
