@@ -16,6 +16,7 @@ from algorithms import fedexp, fedhyper
 from algorithms import fedewc, fot
 from algorithms import fedzo, fzoos
 from algorithms import rffl
+from algorithms import apfl, ditto, fedbn, fedrep, local_finetune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ _DIGITS = ("fedavg_digits", None)
 _FAL = ("fal_digits", None)
 _HYPER = ("fedhyper_digits", None)
 _ZO = ("fzoos_synthetic", None)
+_PERSONAL = ("personal_digits", None)
 
 REGISTRY: dict[str, Entry] = {
     "fedavg": Entry(fedavg.from_config, _DIGITS),
@@ -68,6 +70,12 @@ REGISTRY: dict[str, Entry] = {
     "fedzo_scaf": Entry(fedzo.from_config_for("scaf"), _ZO),
     "fedzo_diff": Entry(fedzo.from_config_for("diff"), _ZO),
     "rffl": Entry(rffl.from_config, _DIGITS),
+    "local_finetune": Entry(local_finetune.from_config, _PERSONAL),
+    "ditto": Entry(ditto.from_config, _PERSONAL),
+    "apfl": Entry(apfl.from_config, _PERSONAL),
+    "fedrep": Entry(fedrep.from_config, _PERSONAL),
+    "fedper": Entry(fedrep.fedper_from_config, _PERSONAL),
+    "fedbn": Entry(fedbn.from_config, ("personal_digits", "fedbn"), takes_model=True),
 }
 
 
