@@ -6,8 +6,8 @@ Yu, Bagdasaryan, Shmatikov, "Salvaging Federated Learning by Local Adaptation",
 arXiv 2002.04758: training is FedAvg (McMahan et al. 2017, Algorithm 1); client i
 is evaluated with
 
-    theta_i = theta^T - eta_ft sum_{steps} grad F_i(theta)     (``finetune_steps`` SGD
-                                                                steps on its train split)
+    theta_i = theta^T - eta_ft sum_{steps} grad F_i(theta)     (``finetune_epochs`` epochs
+                                                                of SGD on its train split)
 
 No client state is kept: the fine-tuning runs at evaluation.
 """
@@ -22,14 +22,15 @@ from fedjax_lab import personalization as pers
 from fedjax_lab.client import LocalSchedule
 
 
-def local_finetune(example_loss, client_lr: float, finetune_lr: float, finetune_steps: int,
+def local_finetune(example_loss, client_lr: float, finetune_lr: float, finetune_epochs: int,
                    finetune_batch_size=None, server_lr: float = 1.0,
                    schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"):
-  if finetune_steps < 1:
-    raise ValueError(f"finetune_steps must be >= 1, got {finetune_steps}.")
+  if finetune_epochs < 1:
+    raise ValueError(f"finetune_epochs must be >= 1, got {finetune_epochs}.")
   method = fedavg.fedavg(example_loss, client_lr, server_lr, schedule, weighting,
                          name="local_finetune")
-  finetune = LocalSchedule(batch_size=finetune_batch_size, steps=finetune_steps)
+  # Epochs, not steps: a padded client's batches then hold each example once.
+  finetune = LocalSchedule(batch_size=finetune_batch_size, epochs=finetune_epochs)
   personalize = pers.local_finetuning(oracles.first_order(example_loss),
                                       optax.sgd(finetune_lr), finetune)
   return dataclasses.replace(method, personalize=personalize)
@@ -38,5 +39,5 @@ def local_finetune(example_loss, client_lr: float, finetune_lr: float, finetune_
 def from_config(config, example_loss):
   return local_finetune(
       example_loss, config.client_lr, config.get("finetune_lr") or config.client_lr,
-      config.get("finetune_steps", 20), config.get("batch_size") or None, config.server_lr,
+      config.get("finetune_epochs", 5), config.get("batch_size") or None, config.server_lr,
       schedule_from_config(config), config.get("weighting", "num_examples"))

@@ -23,7 +23,7 @@ def get_config(algorithm: str = "fedavg") -> ml_collections.ConfigDict:
   config.client_test_fraction = 0.25   # each client's own test split
   config.held_out_clients = 5          # never train: the participation gap
   config.model = "mlp_bn" if algorithm == "fedbn" else "mlp"
-  config.rounds = 50
+  config.rounds = 20
   config.clients_per_round = 10
   config.local_epochs = 1
   config.local_steps = 20
@@ -38,6 +38,6 @@ def get_config(algorithm: str = "fedavg") -> ml_collections.ConfigDict:
   config.personal_lr = 0.0             # Ditto: 0 = client_lr
   config.apfl_alpha_lr = 0.1
   config.apfl_alpha_init = 0.5
-  config.finetune_steps = 20           # local_finetune: SGD steps at evaluation
+  config.finetune_epochs = 5           # local_finetune: SGD epochs at evaluation
   config.finetune_lr = 0.0             # 0 = client_lr
   return config
