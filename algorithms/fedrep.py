@@ -99,7 +99,11 @@ def _layers(config):
 
 
 def from_config(config, example_loss):
-  return fedrep(example_loss, config.client_lr, config.get("fedrep_head_steps", 10),
+  # With a fixed step count, the head phase leaves the body at least one step.
+  head_steps = config.get("fedrep_head_steps", 10)
+  if config.get("local_steps"):
+    head_steps = min(head_steps, config.local_steps - 1)
+  return fedrep(example_loss, config.client_lr, head_steps,
                 _layers(config), config.server_lr, schedule_from_config(config),
                 config.get("weighting", "num_examples"))
 
