@@ -7,7 +7,8 @@ never train give the global model's participation_gap.
     python -m launch.train --config=launch/configs/personal_digits.py
     python -m launch.train --config=launch/configs/personal_digits.py --config.algorithm=ditto
     (ditto | apfl | fedrep | fedper | fedbn | local_finetune | fedavg)
-``get_config('fedbn')`` (FedBN's registry example) uses the BN model ``mlp_bn``.
+FedBN needs the BN model: ``--config.algorithm=fedbn --config.model=mlp_bn``
+(``get_config('fedbn')``, FedBN's registry example, sets it).
 """
 import ml_collections
 
