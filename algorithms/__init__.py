@@ -17,6 +17,7 @@ from algorithms import fedewc, fot
 from algorithms import fedzo, fzoos
 from algorithms import rffl
 from algorithms import feddyn, fednova, momentum, sharpness
+from algorithms import apfl, ditto, fedbn, fedrep, local_finetune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ _DIGITS = ("fedavg_digits", None)
 _FAL = ("fal_digits", None)
 _HYPER = ("fedhyper_digits", None)
 _ZO = ("fzoos_synthetic", None)
+_PERSONAL = ("personal_digits", None)
 
 REGISTRY: dict[str, Entry] = {
     "fedavg": Entry(fedavg.from_config, _DIGITS),
@@ -76,6 +78,12 @@ REGISTRY: dict[str, Entry] = {
     "fedspeed": Entry(sharpness.fedspeed_from_config, ("momentum_sam_digits", "fedspeed")),
     "fednova": Entry(fednova.from_config, ("momentum_sam_digits", "fednova")),
     "feddyn": Entry(feddyn.from_config, ("momentum_sam_digits", "feddyn")),
+    "local_finetune": Entry(local_finetune.from_config, _PERSONAL),
+    "ditto": Entry(ditto.from_config, _PERSONAL),
+    "apfl": Entry(apfl.from_config, _PERSONAL),
+    "fedrep": Entry(fedrep.from_config, _PERSONAL),
+    "fedper": Entry(fedrep.fedper_from_config, _PERSONAL),
+    "fedbn": Entry(fedbn.from_config, ("personal_digits", "fedbn"), takes_model=True),
 }
 
 

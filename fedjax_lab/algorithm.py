@@ -110,6 +110,12 @@ class FederatedAlgorithm:
       gathered client data ``[P, max_n, ...]``, ``client_rows`` their new states,
       ``keys`` their round keys, ``real`` bool ``[P]`` (False for padding). FZooS
       fits its surrogates at the new global point here. None: nothing.
+    init_local_params: ``(message_down, client_state) -> params`` local training
+      starts from (None: ``message_down['params']``); personalized methods start
+      from (or next to) the client's own model (``fedjax_lab.personalization``).
+    personalize: ``(global_params, client_state, train_data, size, rng) -> params``,
+      the model client i is evaluated with on its own test split (None: the global
+      model); ``personalization.evaluate_clients`` calls it.
   """
   name: str
   oracle: GradientOracle
@@ -129,6 +135,8 @@ class FederatedAlgorithm:
   round_metrics: Optional[Callable[[ServerState], dict]] = None
   task_boundary: Optional[Callable] = None
   round_end: Optional[Callable] = None
+  init_local_params: Optional[Callable[[dict, PyTree], Params]] = None
+  personalize: Optional[Callable] = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
@@ -161,8 +169,10 @@ class FederatedAlgorithm:
     oracle_state = (None if self.init_oracle_state is None
                     else self.init_oracle_state(message_down, client_state))
     step_limit = None if self.step_limit is None else self.step_limit(message_down)
+    start = (message_down["params"] if self.init_local_params is None
+             else self.init_local_params(message_down, client_state))
     local = client_lib.local_train(
-        self.oracle, as_extra_args(self.client_tx), self.schedule, message_down["params"],
+        self.oracle, as_extra_args(self.client_tx), self.schedule, start,
         data, size, rng, extra_args, max_examples, oracle_state, step_limit)
     message_up, client_state = self.client_final(local, message_down, client_state)
     if self.weighting == "num_examples":

@@ -26,6 +26,7 @@ class Experiment:
   init_params: Any
   evaluate: Optional[Callable] = None   # (params, arrays) -> metrics; None: clean accuracy/loss
   attacks: Optional[dict] = None        # robust evaluation's attacks, by name (None: clean only)
+  info: Any = None                      # data_lib.DataInfo (per-client test splits, held-out clients)
 
 
 def robust_attacks_from_config(config) -> Optional[dict]:
@@ -85,7 +86,9 @@ def build(config) -> Experiment:
       num_shards_per_partition=config.get("num_shards_per_partition", 2),
       num_classes_per_partition=config.get("num_classes_per_partition", 2),
       sequence_length=config.get("sequence_length", None),
-      vocab_size=config.get("vocab_size", 10000), data_dir=config.get("data_dir", None))
+      vocab_size=config.get("vocab_size", 10000), data_dir=config.get("data_dir", None),
+      client_test_fraction=config.get("client_test_fraction", 0.0),
+      held_out_clients=config.get("held_out_clients", 0))
   attacks = None
   if info.task == "next_token":
     # Next-token text (Shakespeare, Stack Overflow): a char LM with a per-token masked loss.
@@ -95,6 +98,9 @@ def build(config) -> Experiment:
   else:
     if config.model == "mlp":
       model = models_lib.mlp(config.get("hidden", (200,)), info.num_classes)
+    elif config.model == "mlp_bn":
+      from fedjax_lab.models import batchnorm
+      model = batchnorm.mlp_bn(config.get("hidden", (200,)), info.num_classes)
     else:
       model = models_lib.get(config.model, num_classes=info.num_classes)
     example_loss = models_lib.classification_loss(model)
@@ -109,12 +115,12 @@ def build(config) -> Experiment:
   # One compiled init instead of one small compilation per eager op.
   init_params = jax.jit(model.init)(jax.random.PRNGKey(config.seed + 1),
                                     train_data.arrays["x"][:1])
-  method = algorithms.build(config.algorithm, config, example_loss)
+  method = algorithms.build(config.algorithm, config, example_loss, model=model)
   # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
   method = robust.apply_robustness(method, config, train_data.num_clients)
   # Compressed uplink / downlink (config.compression, ...; 'none': unchanged).
   method = compression_launch.apply_compression(method, config)
-  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
+  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks, info)
 
 
 def build_any(config):
@@ -186,4 +192,7 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
     # Robust evaluation (config.robust_eval): accuracy under each attack at radius eps.
     summary.update({k: v for k, v in final.items() if k not in ("accuracy", "loss")})
     summary["robust_eps"] = float(config.robust_eval.eps)
+  if exp.info.client_test is not None:
+    from launch import personal   # per-client accuracy on the clients' own test splits
+    summary.update(personal.report(exp, state, config.seed))
   return state, history, summary

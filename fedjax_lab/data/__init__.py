@@ -18,6 +18,7 @@ from fedjax_lab.data.federated import FederatedData, gather_cohort, train_test_s
 from fedjax_lab.data.federated import _split_indices
 from fedjax_lab.data.partitioners import (dirichlet, exponential, iid, inner_dirichlet, linear,
                                           natural_id, pathological, shard, size_partition, square)
+from fedjax_lab.data.partitioners import held_out_clients, within_client_split
 from fedjax_lab.data.sources import digits, mnist5k, synthetic, synthetic_models
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "pathological", "size_partition", "linear", "square", "exponential", "natural_id",
     "inner_dirichlet", "digits", "mnist5k", "synthetic", "synthetic_models", "load_federated",
     "load_federated_with_info", "DataInfo", "client_stats", "label_counts", "format_stats",
-    "DATA_NAMES", "DATA_PREFIXES", "PARTITION_NAMES",
+    "DATA_NAMES", "DATA_PREFIXES", "PARTITION_NAMES", "within_client_split", "held_out_clients",
 ]
 
 DATA_NAMES = ("digits", "mnist5k", "synthetic")
@@ -46,12 +47,19 @@ class DataInfo:
       client_names: natural client ids (writers, speakers, users) when the
         partition is ``'natural'``, else None.
       source: e.g. ``'digits'``, ``'tfds:mnist'``, ``'sqlite:shakespeare'``.
+      client_test: with ``client_test_fraction > 0``, the training clients' own test
+        splits (FederatedData of the same clients as the train set), else None.
+      held_out_train, held_out_test: with ``held_out_clients > 0``, the held-out
+        clients' train and test splits (they are not in the train set), else None.
     """
     task: str
     num_classes: int
     vocab: Any = None
     client_names: Optional[list] = None
     source: str = ""
+    client_test: Optional[FederatedData] = None
+    held_out_train: Optional[FederatedData] = None
+    held_out_test: Optional[FederatedData] = None
 
 
 def _known_data() -> str:
@@ -142,7 +150,8 @@ def load_federated_with_info(
         num_shards_per_partition: int = 2, num_classes_per_partition: int = 2,
         partition_sizes=None, sequence_length: Optional[int] = None, vocab_size: int = 10000,
         data_dir: Optional[str] = None, max_examples: Optional[int] = None,
-        log_stats: bool = True) -> tuple[FederatedData, dict[str, np.ndarray], DataInfo]:
+        log_stats: bool = True, client_test_fraction: float = 0.0,
+        held_out_clients: int = 0) -> tuple[FederatedData, dict[str, np.ndarray], DataInfo]:
     """``load_federated`` plus a ``DataInfo`` (task, output width, vocabulary, client names).
 
     See ``load_federated`` for the arguments.
@@ -203,13 +212,46 @@ def load_federated_with_info(
         ids = _partition(labels, partition, num_clients, alpha, part_seed, min_partition_size,
                          num_shards_per_partition, num_classes_per_partition, partition_sizes)
         count, names = num_clients, None
-    fed = FederatedData.from_client_ids(train, ids, count)
     info = DataInfo("next_token" if next_token else "classification", int(num_classes), vocab,
                     names, source)
+    if client_test_fraction or held_out_clients:
+        fed = _personal_splits(train, ids, count, client_test_fraction, held_out_clients, seed,
+                               info)
+    else:
+        fed = FederatedData.from_client_ids(train, ids, count)
     if log_stats:
         stats = client_stats(fed, None if next_token else num_classes)
         logging.info("%s (%s): %s", source, partition, format_stats(stats))
     return fed, test, info
+
+
+def _personal_splits(train, ids, count, client_test_fraction, num_held_out, seed, info):
+    """The training clients' train split; their test splits and held-out clients into ``info``.
+
+    Held-out clients are dropped from the train set and the others renumbered in order.
+    """
+    # Own seeds, so the pooled split and the partition are those of the default options.
+    split_seed, held_seed = (int(s) for s in np.random.SeedSequence([seed, 19]).generate_state(2))
+    in_test = within_client_split(ids, client_test_fraction, split_seed)
+    held = held_out_clients(count, num_held_out, held_seed)
+    is_held = np.isin(ids, held)
+    kept = np.setdiff1d(np.arange(count), held)
+    new_id = np.full(count, -1, np.int64)
+    new_id[kept] = np.arange(kept.shape[0])
+    held_id = np.full(count, -1, np.int64)
+    held_id[held] = np.arange(held.shape[0])
+
+    def pack(rows, client_of, num):
+        return FederatedData.from_client_ids({k: v[rows] for k, v in train.items()},
+                                             client_of[ids[rows]], num)
+
+    fed = pack(~is_held & ~in_test, new_id, kept.shape[0])
+    if client_test_fraction:
+        info.client_test = pack(~is_held & in_test, new_id, kept.shape[0])
+    if num_held_out:
+        info.held_out_train = pack(is_held & ~in_test, held_id, held.shape[0])
+        info.held_out_test = pack(is_held & in_test, held_id, held.shape[0])
+    return fed
 
 
 def _partition(labels, partition, num_clients, alpha, seed, min_partition_size,
@@ -272,7 +314,10 @@ def load_federated(data: str = "digits", partition: str = "dirichlet", num_clien
     ``num_classes_per_partition``, ``partition_sizes``, ``sequence_length`` (text row
     length; defaults 80 Shakespeare, 20 Stack Overflow, 25 Sent140, 64 TFDS text),
     ``vocab_size`` (word vocabularies), ``data_dir`` (TFDS), ``max_examples`` (TFDS),
-    ``log_stats`` (log client statistics, default True).
+    ``log_stats`` (log client statistics, default True), ``client_test_fraction``
+    (each training client's own test split, ``DataInfo.client_test``; default 0: none)
+    and ``held_out_clients`` (that many clients never train; their splits are
+    ``DataInfo.held_out_train`` / ``held_out_test``; default 0).
 
     Returns:
       ``(train, test)``: train is a FederatedData with arrays ``x [n_train, ...]``

@@ -405,3 +405,47 @@ def inner_dirichlet(labels, partition_sizes, alpha, seed: int) -> np.ndarray:
             open_clients[slot] = open_clients[-1]
             open_clients.pop()
     return ids
+
+
+# ------------------------------------------------- within-client splits, held-out clients
+
+
+def within_client_split(client_ids, test_fraction: float, seed: int) -> np.ndarray:
+    """Each client's own train / test split (personalized FL evaluates on it).
+
+    Client i with n_i examples puts ``round(n_i * test_fraction)`` of them, at random,
+    in its test split, but keeps at least one for training when n_i >= 2.
+
+    Args:
+      client_ids: int ``[num_examples]`` client ids (a partitioner's output).
+      test_fraction: share of each client's examples held out, in ``[0, 1)``.
+      seed: numpy seed.
+
+    Returns:
+      bool ``[num_examples]``: True for the rows in their client's test split.
+    """
+    client_ids = np.asarray(client_ids)
+    if client_ids.ndim != 1:
+        raise ValueError(f"client_ids must be 1-D, got shape {client_ids.shape}")
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(client_ids.shape[0], bool)
+    for client in np.unique(client_ids):
+        rows = rng.permutation(np.flatnonzero(client_ids == client))
+        n_test = int(round(rows.shape[0] * float(test_fraction)))
+        n_test = min(n_test, max(rows.shape[0] - 1, 0))
+        test[rows[:n_test]] = True
+    return test
+
+
+def held_out_clients(num_clients: int, count: int, seed: int) -> np.ndarray:
+    """``count`` client ids drawn at random (sorted) that never train.
+
+    The participation gap compares the global model on them with the participating
+    clients' own test splits (Yuan et al., ICLR 2022).
+    """
+    if not 0 <= int(count) < int(num_clients):
+        raise ValueError(f"held_out_clients must be in [0, num_clients={num_clients}), got {count} "
+                         f"(at least one client must train)")
+    return np.sort(np.random.default_rng(seed).permutation(int(num_clients))[:int(count)])
