@@ -44,10 +44,15 @@ def robust_attacks_from_config(config) -> Optional[dict]:
 
 
 def build(config) -> Experiment:
-  """Data, model, initial params and method from a config (raises ValueError on bad keys)."""
+  """Data, model, initial params and method from a config (raises ValueError on bad keys).
+
+  The partition and the train/test split follow ``config.data_seed`` (default 0); the
+  model init, the cohort draws and the client shuffles follow ``config.seed``, so runs
+  of different seeds (a study's) share their data.
+  """
   train_data, test_arrays, info = data_lib.load_federated_with_info(
       data=config.data, partition=config.partition, num_clients=config.num_clients,
-      alpha=config.get("alpha", 0.5), seed=config.seed,
+      alpha=config.get("alpha", 0.5), seed=config.get("data_seed", 0),
       test_fraction=config.get("test_fraction", 0.2),
       num_shards_per_partition=config.get("num_shards_per_partition", 2),
       num_classes_per_partition=config.get("num_classes_per_partition", 2),
