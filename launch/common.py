@@ -24,6 +24,7 @@ class Experiment:
   init_params: Any
   evaluate: Optional[Callable] = None   # (params, arrays) -> metrics; None: clean accuracy/loss
   attacks: Optional[dict] = None        # robust evaluation's attacks, by name (None: clean only)
+  example_loss: Optional[Callable] = None   # what the method was built on (studies rebuild it)
 
 
 def robust_attacks_from_config(config) -> Optional[dict]:
@@ -82,7 +83,8 @@ def build(config) -> Experiment:
   method = algorithms.build(config.algorithm, config, example_loss)
   # Byzantine clients, robust aggregators and DP (config keys absent: unchanged).
   method = robust.apply_robustness(method, config)
-  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks)
+  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks,
+                    example_loss)
 
 
 def build_any(config):
