@@ -142,7 +142,7 @@ def _group(tree, groups: int, size: int):
 
 
 def _ungroup(tree):
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
 
 
 def _pad_runs(tree, total: int):
