@@ -29,7 +29,9 @@ def single(config, values):
 
 
 @pytest.mark.parametrize("algorithm,extra", [
-    ("fedavg", {}), ("fedprox", {"prox_mu": [0.01, 0.3]}), ("scaffold", {})])
+    ("fedavg", {}),
+    pytest.param("fedprox", {"prox_mu": [0.01, 0.3]}, marks=pytest.mark.slow),
+    pytest.param("scaffold", {}, marks=pytest.mark.slow)])
 def test_each_run_equals_the_single_run(algorithm, extra):
   config = small_config(algorithm)
   sweeps = {"client_lr": [0.05, 0.2], **extra, "seed": [0, 3]}
@@ -81,6 +83,7 @@ def test_a_diverging_run_is_frozen_and_the_others_go_on():
   assert abs(good["test_loss"] - single(small_config(), {"server_lr": 1.0})[1]["test_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_chunked_and_resumed_study_equals_one_go(tmp_path):
   config = small_config()
   build, exp, sampler, slots = sweep.study_setup(config, ["client_lr"])
