@@ -29,7 +29,9 @@ def test_grad_matches_finite_differences_of_the_same_run():
     up, down = dict(hp), dict(hp)
     up[key], down[key] = hp[key] + h, hp[key] - h
     finite = (float(loss(up, *args)) - float(loss(down, *args))) / (2 * h)
-    np.testing.assert_allclose(float(grad[key]), finite, rtol=0.02)
+    # atol: float32 differences of a loss near 2 resolve about 2.4e-7 / 2h = 1.2e-3.
+    np.testing.assert_allclose(float(grad[key]), finite, rtol=0.02, atol=2e-3)
+  assert abs(float(grad["client_lr"])) > 0.1   # a slope the check can see
   with pytest.raises(ValueError, match="truncate"):
     studies.final_loss(build, exp.train_data, evaluate, rounds=2, clients_per_round=slots,
                        truncate=3)
