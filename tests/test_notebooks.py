@@ -28,6 +28,8 @@ NOTEBOOK_PARAMETERS: dict[str, dict] = {
                      "noise_multipliers": (1.0,)},
     "fot.ipynb": {"num_tasks": 2},
     "fal.ipynb": {"eps_grid": (0.0, 0.2)},
+    "studies.ipynb": {"num_clients": 20, "client_lrs": (0.05, 0.2), "seeds": (0, 1),
+                      "tune_rounds": 2, "tune_steps": 1},
 }
 CELL_TIMEOUT_S = 300
 # Plots a notebook must show (image outputs), so a figure that renders as text fails.
