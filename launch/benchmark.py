@@ -39,6 +39,11 @@ _QUICK = flags.DEFINE_bool("quick", False, "Small settings (under 3 minutes on 2
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per system (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the sweep plot.")
 _WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
+_STUDY = flags.DEFINE_list(
+    "study", [], "Run counts of the study rows (e.g. 16,64): a FedAvg digits study vmapped "
+    "in one program vs the same runs sequential in this process vs separate launch.train "
+    "processes (launch.sweep; off by default).")
+_STUDY_ROUNDS = flags.DEFINE_integer("study_rounds", 20, "Rounds of each study run.")
 _PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
                            "workload, each in its own venv (see launch/peers).")
 _ASYNC = flags.DEFINE_bool("async_clock", False, "Also time a step of the asynchronous clock "
@@ -253,6 +258,39 @@ def cohort_sweep(quick, repeats):
   return rows
 
 
+def study_rows(counts, rounds):
+  """Wall time of N runs (4 client rates x N/4 seeds): vmapped, sequential, processes."""
+  import subprocess
+  import sys
+  import time
+  from launch import sweep
+  from launch.configs import fedavg_digits
+  config = fedavg_digits.get_config()
+  config.rounds, config.eval_every, config.checkpoint_every = rounds, rounds, 0
+  rows = []
+  for count in counts:
+    sweeps = {"client_lr": [0.03, 0.05, 0.1, 0.2], "seed": list(range(max(count // 4, 1)))}
+    runs = sweep.grid(sweeps)
+    start = time.perf_counter()
+    sweep.run_study(config, sweeps)
+    vmapped = time.perf_counter() - start
+    start = time.perf_counter()
+    sweep.run_sequential(config, sweeps)
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    for run in runs:
+      subprocess.run([sys.executable, "-m", "launch.train", "--noprogress",
+                      f"--config.rounds={rounds}", f"--config.eval_every={rounds}",
+                      f"--config.client_lr={run['client_lr']}", f"--config.seed={run['seed']}"],
+                     check=True, capture_output=True)
+    processes = time.perf_counter() - start
+    rows.append({"workload": f"study{len(runs)}", "runs": len(runs), "rounds": rounds,
+                 "vmapped_s": vmapped, "sequential_s": sequential, "processes_s": processes,
+                 "sequential_over_vmapped": sequential / vmapped,
+                 "processes_over_vmapped": processes / vmapped})
+  return rows
+
+
 def _best_ours(row):
   times = [v for k, v in row.items() if k.startswith("ours_vmap") and k.endswith("_s_per_round")]
   return min(times)
@@ -388,7 +426,7 @@ def main(argv):
   repeats = 3 if quick else _REPEATS.value
   chosen = workloads(quick)
   if _WORKLOADS.value:
-    unknown = set(_WORKLOADS.value) - set(chosen) - {"sweep"}
+    unknown = set(_WORKLOADS.value) - set(chosen) - {"sweep", "study"}
     if unknown:
       raise app.UsageError(f"Unknown workloads {sorted(unknown)}; choose from {sorted(chosen)} or sweep.")
   rows = []
@@ -408,6 +446,9 @@ def main(argv):
     clock_rows = async_clock_rows(repeats)
     for row in clock_rows:
       print(json.dumps(row), flush=True)
+  studies = study_rows([int(c) for c in _STUDY.value], _STUDY_ROUNDS.value) if _STUDY.value else []
+  for row in studies:
+    print(json.dumps(row), flush=True)
   peer_rows = []
   if _PEERS.value:
     import tempfile
@@ -421,7 +462,7 @@ def main(argv):
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "benchmarks.json"), "w") as f:
-      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep + peer_rows + clock_rows},
+      json.dump({"devices": [str(d) for d in jax.devices()], "rows": rows + sweep + studies + peer_rows + clock_rows},
                 f, indent=1)
     if sweep:
       plot_sweep(sweep, os.path.join(_OUT.value, "benchmark_cohort_sweep.png"))
@@ -429,8 +470,9 @@ def main(argv):
     write_markdown(os.path.join(_OUT.value, "benchmarks.md"),
                    markdown_tables(rows + sweep, devices, quick))
   summary = {"devices": jax.device_count(), "quick": quick}
-  for row in rows + sweep + clock_rows:
-    for key in ("clock_step_over_round", "round_over_limit", "loop_over_vmap", "naive_over_ours", "ours_over_bare",
+  for row in rows + sweep + studies + clock_rows:
+    for key in ("clock_step_over_round", "sequential_over_vmapped", "processes_over_vmapped",
+                "round_over_limit", "loop_over_vmap", "naive_over_ours", "ours_over_bare",
                 "fedjax_default_over_ours", "flower_over_ours"):
       if key in row:
         summary[f"{row['workload']}.{key}"] = round(row[key], 3)

@@ -27,6 +27,7 @@ class Experiment:
   evaluate: Optional[Callable] = None   # (params, arrays) -> metrics; None: clean accuracy/loss
   attacks: Optional[dict] = None        # robust evaluation's attacks, by name (None: clean only)
   info: Any = None                      # data_lib.DataInfo (per-client test splits, held-out clients)
+  example_loss: Optional[Callable] = None   # what the method was built on (studies rebuild it)
 
 
 def robust_attacks_from_config(config) -> Optional[dict]:
@@ -78,10 +79,15 @@ def divergence(history, factor: float, summary: Optional[dict] = None) -> dict:
 
 
 def build(config) -> Experiment:
-  """Data, model, initial params and method from a config (raises ValueError on bad keys)."""
+  """Data, model, initial params and method from a config (raises ValueError on bad keys).
+
+  The partition and the train/test split follow ``config.data_seed`` (default 0); the
+  model init, the cohort draws and the client shuffles follow ``config.seed``, so runs
+  of different seeds (a study's) share their data.
+  """
   train_data, test_arrays, info = data_lib.load_federated_with_info(
       data=config.data, partition=config.partition, num_clients=config.num_clients,
-      alpha=config.get("alpha", 0.5), seed=config.seed,
+      alpha=config.get("alpha", 0.5), seed=config.get("data_seed", 0),
       test_fraction=config.get("test_fraction", 0.2),
       num_shards_per_partition=config.get("num_shards_per_partition", 2),
       num_classes_per_partition=config.get("num_classes_per_partition", 2),
@@ -120,7 +126,8 @@ def build(config) -> Experiment:
   method = robust.apply_robustness(method, config, train_data.num_clients)
   # Compressed uplink / downlink (config.compression, ...; 'none': unchanged).
   method = compression_launch.apply_compression(method, config)
-  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks, info)
+  return Experiment(method, model, train_data, test_arrays, init_params, evaluate, attacks, info,
+                    example_loss)
 
 
 def build_any(config):

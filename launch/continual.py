@@ -42,8 +42,9 @@ def _source(config) -> tuple[dict, dict]:
   elif config.data == "mnist5k":
     arrays = sources.mnist5k()
   else:
-    arrays, _ = sources.synthetic(1.0, 1.0, num_clients=30, seed=config.seed)
-  split_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
+    arrays, _ = sources.synthetic(1.0, 1.0, num_clients=30, seed=config.get("data_seed", 0))
+  # The data (split, tasks, partition) follow data_seed; seed is the model's and rounds'.
+  split_seed = int(np.random.SeedSequence([config.get("data_seed", 0), 1]).generate_state(1)[0])
   return train_test_split(arrays, config.get("test_fraction", 0.2), split_seed)
 
 
@@ -53,7 +54,7 @@ def build_stream(config) -> streams.TaskStream:
   num_clients = 1 if config.algorithm == "gpm" else config.num_clients
   return streams.make_stream(train, test, config.stream, config.num_tasks, num_clients,
                              config.get("partition", "iid"), config.get("alpha", 0.5),
-                             config.seed, config.get("min_partition_size", 2))
+                             config.get("data_seed", 0), config.get("min_partition_size", 2))
 
 
 def build_model(config, stream: streams.TaskStream) -> models_lib.Model:

@@ -34,7 +34,7 @@ def client_data_from_config(workdir: str):
   train, _ = data_lib.load_federated(
       data=config["data"], partition=config.get("partition", "dirichlet"),
       num_clients=config.get("num_clients", 100), alpha=config.get("alpha", 0.5),
-      seed=config.get("seed", 0), test_fraction=config.get("test_fraction", 0.2))
+      seed=config.get("data_seed", 0), test_fraction=config.get("test_fraction", 0.2))
   return train
 
 

@@ -31,6 +31,8 @@ NOTEBOOK_PARAMETERS: dict[str, dict] = {
     "communication.ipynb": {"compressors": ("identity", "fedzip")},
     "async.ipynb": {"sync_rounds": 3, "num_clients": 30, "concurrency": 6,
                     "methods": ("fedavg_sync", "fedbuff")},
+    "studies.ipynb": {"num_clients": 20, "client_lrs": (0.05, 0.2), "seeds": (0, 1),
+                      "tune_rounds": 2, "tune_steps": 1},
 }
 CELL_TIMEOUT_S = 300
 # Plots a notebook must show (image outputs), so a figure that renders as text fails.

@@ -63,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution.
   config.backend = "vmap"
   config.rounds_per_call = 10
-  config.seed = 0
+  config.seed = 0                     # model init, cohort draws, client shuffles
+  config.data_seed = 0                # partition and train/test split (shared by seeds)
   config.eval_every = 10
   config.checkpoint_every = 0
   return shared.add_robustness(config)

@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.client_states = "device"    # "host": per-client state table in host memory (huge N)
   config.client_state_dir = config_dict.placeholder(str)   # with "host": table as memmap files
   config.rounds_per_call = 10
-  config.seed = 0
+  config.seed = 0                     # model init, cohort draws, client shuffles
+  config.data_seed = 0                # partition and train/test split (shared by seeds)
   config.eval_every = 20
   config.checkpoint_every = 50
   return shared.add_robustness(config)

@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.backend = "vmap"
   config.rounds_per_call = 20
   config.eval_every = 0              # > 0: accuracy of all tasks every k rounds (curves)
-  config.seed = 0
+  config.seed = 0                     # model init, cohort draws, client shuffles
+  config.data_seed = 0                # partition and train/test split (shared by seeds)
   return config
 
 
