@@ -672,3 +672,14 @@ def test_stream_errors():
     streaming.CohortStream(data, state, 20)
   with pytest.raises(ValueError, match="capacity"):
     streaming.pack_cohort(data, [0, 1, 2], data.max_client_size, capacity=2)
+
+
+def test_sqlite_file_errors_name_the_file(tmp_path):
+  from fedjax_lab import data as data_lib
+  missing = str(tmp_path / "missing.sqlite")
+  with pytest.raises(FileNotFoundError, match="missing.sqlite"):
+    data_lib.load_federated(f"sqlite:{missing}", "natural")
+  bad = tmp_path / "bad.sqlite"
+  bad.write_bytes(b"not a database" * 200)
+  with pytest.raises(ValueError, match=r"bad\.sqlite.* is not an SQLite database"):
+    data_lib.load_federated(f"sqlite:{bad}", "natural")

@@ -164,11 +164,11 @@ def _connect(path: str) -> sqlite3.Connection:
   return sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True, check_same_thread=False)
 
 
-def _tables(connection) -> set[str]:
+def _tables(connection, path: str = "") -> set[str]:
   try:
     rows = connection.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
   except sqlite3.DatabaseError as e:
-    raise ValueError(f"not an SQLite database: {e}") from e
+    raise ValueError(f"{path!r} is not an SQLite database: {e}") from e
   return {r[0] for r in rows}
 
 
@@ -190,7 +190,7 @@ class SQLiteClients:
   def __init__(self, path: str, split: str | None = None):
     self.path = path
     self._connection = _connect(path)
-    tables = _tables(self._connection)
+    tables = _tables(self._connection, path)
     if "federated_data" in tables:
       self.format, self.split = "fedjax", None
       if split is not None:
