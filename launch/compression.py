@@ -9,8 +9,8 @@ key (default)                   meaning
 ``compression`` (``none``)      uplink compressor: ``none``, one of ``COMPRESSORS``
 ``compression_bits`` (4)        ``qsgd`` / ``rotated``: bits per entry
 ``compression_fraction`` (0.01) ``top_k`` / ``random_k`` / ``fedzip``: share kept
-``compression_norm`` (linf)   ``qsgd``: ``linf`` (uniform quantisation) or ``l2`` (eq. 1)
-``compression_bucket`` (None)   ``qsgd``: bucket size (None: each layer whole)
+``compression_norm`` (l2)     ``qsgd``: ``l2`` (eq. 1) or ``linf`` (uniform quantisation)
+``compression_bucket`` (128)    ``qsgd``: bucket size (None: each layer whole)
 ``compression_clusters`` (3)    ``fedzip``: k-means centroids
 ``compression_keys``            message entries compressed, comma-separated
 (``delta``)                     (SCAFFOLD: ``delta,control_delta``)

@@ -74,8 +74,8 @@ def compression_defaults() -> ml_collections.ConfigDict:
   config.compression = "none"          # identity, top_k, random_k, sign, sign_vote, qsgd, rotated, fedzip
   config.compression_bits = 4          # qsgd, rotated
   config.compression_fraction = 0.01   # top_k, random_k, fedzip (top-z)
-  config.compression_norm = "linf"     # qsgd: linf (uniform quantisation) | l2 (QSGD eq. 1)
-  config.compression_bucket = config_dict.placeholder(int)   # qsgd bucket; None: whole layer
+  config.compression_norm = "l2"       # qsgd: l2 (QSGD eq. 1) | linf (uniform quantisation)
+  config.compression_bucket = 128      # qsgd: entries per bucket (QSGD's bucketing); None: a layer
   config.compression_clusters = 3      # fedzip k-means centroids
   config.compression_keys = "delta"    # message entries compressed (SCAFFOLD: delta,control_delta)
   config.error_feedback = False
