@@ -62,6 +62,9 @@ def build(config) -> Experiment:
   else:
     if config.model == "mlp":
       model = models_lib.mlp(config.get("hidden", (200,)), info.num_classes)
+    elif config.model == "cnn":
+      model = models_lib.cnn(config.get("cnn_features", (32, 64)), config.get("cnn_dense", 128),
+                             info.num_classes)
     else:
       model = models_lib.get(config.model, num_classes=info.num_classes)
     example_loss = models_lib.classification_loss(model)
