@@ -5,7 +5,12 @@ Analysis", ICML 2023 (arXiv 2208.03635). FedAvg around PGD adversarial training:
 
     objective  L(W) = (1/N) sum_c (1/n_c) sum_{(x,y) in S_c} max_{x' in B_p(x, rho)} l(f_W(x'), y)
     client c:  W <- W - eta_l grad_W mean l(f_W(x'), y),  x' = PGD_S(f_W, x, y)  (K local steps)
-    server:    W_{t+1} = W_t + eta_g sum_c w_c (W_c - W_t)
+    server:    W_{t+1} = W_t + eta_g sum_c w_c (W_c - W_t),  w_c = 1/N (uniform, the paper's)
+
+The paper averages the clients uniformly (its objective weights each client 1/N), so
+FAL's default weighting is ``'uniform'``; example-count weighting (w_c = n_c / n, FedAvg's)
+is the named option ``weighting='num_examples'`` (config: ``fal_weighting``). FAT and
+FedDynAT keep their base method's weighting.
 
 So FAL = any federated method + the ``adversarial`` gradient oracle
 (``fedjax_lab.oracles.adversarial``); the server, aggregator and client optimizer are
@@ -16,9 +21,11 @@ Baselines (same oracle):
   adversarial examples, ``(1 - r) l(x) + r l(x')``.
 * FedDynAT (Shah et al. 2021, "Adversarial training in communication constrained
   federated learning"): the local work decays with the rounds. The paper decays local
-  epochs; the exact schedule is not public, so we use the stand-in
-  ``K_t = max(K_min, floor(K_0 * decay^t))`` local *steps* (a masked scan of static
-  length K_0 through the engine's ``step_limit`` hook; the round number is broadcast).
+  *epochs*; its exact schedule is not public, so this is a stand-in, not the paper's
+  schedule: ``K_t = max(K_min, floor(K_0 * decay^t))`` local *steps* (a masked scan of
+  static length K_0 through the engine's ``step_limit`` hook; the round number is
+  broadcast). With K_0 a multiple of a client's steps per epoch it is an epoch count
+  rounded to steps.
 """
 import dataclasses
 from typing import Callable, Optional
@@ -39,9 +46,12 @@ def adversarial_training(method: FederatedAlgorithm, example_loss, attack,
 
 
 def fal(example_loss, attack, client_lr: float, server_lr: float = 1.0,
-        schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples"
+        schedule: LocalSchedule = LocalSchedule(), weighting: str = "uniform"
         ) -> FederatedAlgorithm:
-  """FAL: FedAvg whose clients run PGD adversarial training on all their examples."""
+  """FAL: FedAvg whose clients run PGD adversarial training on all their examples.
+
+  ``weighting='uniform'`` (default) is the paper's 1/N average; 'num_examples' weights by n_c.
+  """
   return adversarial_training(fedavg(example_loss, client_lr, server_lr, schedule, weighting),
                               example_loss, attack, 1.0, "fal")
 
@@ -127,9 +137,14 @@ def _base_method(config, example_loss) -> FederatedAlgorithm:
 
 
 def fal_from_config(config, example_loss) -> FederatedAlgorithm:
-  """FAL on ``config.adversarial_base`` (default FedAvg), all examples adversarial."""
-  return adversarial_training(_base_method(config, example_loss), example_loss,
-                              attack_from_config(config), 1.0, "fal")
+  """FAL on ``config.adversarial_base`` (default FedAvg), all examples adversarial.
+
+  Clients are averaged by ``config.fal_weighting`` (default 'uniform', the paper's 1/N;
+  'num_examples' is the option), which replaces the base method's ``weighting``.
+  """
+  method = adversarial_training(_base_method(config, example_loss), example_loss,
+                                attack_from_config(config), 1.0, "fal")
+  return dataclasses.replace(method, weighting=config.get("fal_weighting", "uniform"))
 
 
 def fat_from_config(config, example_loss) -> FederatedAlgorithm:

@@ -14,7 +14,12 @@ differs, the paper's form is a parameter:
   ``A <- clip(A + h <Delta_{t-1}, Delta_t>, -0.8, 4)`` and ``x_{t+1} = x_t + (1 + A) Delta_t``,
   so the global rate 1 + A stays in [0.2, 5]; round 0 is plain FedAvg. h = 1 in the
   code (``hyper_lr``). Paper form: alpha_t = alpha_{t-1} + h <Delta_t, Delta_{t-1}>
-  clipped to [1/gamma_alpha, gamma_alpha] (``paper_bounds(3.0)``).
+  clipped to [1/gamma_alpha, gamma_alpha] (``paper_bounds(3.0)``). From an initial
+  global rate alpha_0 != 1 (``initial_rate``; ``server_lr`` in the configs) the rule
+  holds the rate itself: alpha_0 + sum of hypergradients, bounds absolute, server step 1
+  (``fedhyper_global_rate='paper'``, default). The project's earlier variant
+  (``fedhyper_global_rate='scaled'``) steps with server_lr (1 + A): it scales the
+  hypergradient step by server_lr and caps the rate at 5 server_lr.
 * GM (G with momentum, the code's default). m_0 = Delta_0, m_t = Delta_t + 0.9 m_{t-1};
   ``A <- clip(A + <m_{t-1}, Delta_t>, -0.2, 4)``,
   ``x_{t+1} = x_t + (1 + A) Delta_t + 0.9 A m_{t-1}``.
@@ -123,16 +128,22 @@ class FedHyperGlobalState(NamedTuple):
 
 
 def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float = 1.0,
-                    momentum: float = 0.0, normalize: bool = False) -> optax.GradientTransformation:
-  """FedHyper-G: scales the pseudo-gradient by the global rate 1 + A.
+                    momentum: float = 0.0, normalize: bool = False,
+                    initial_rate: float = 1.0) -> optax.GradientTransformation:
+  """FedHyper-G: scales the pseudo-gradient by the global rate alpha = 1 + A.
 
   For round t >= 1 (g_t = -Delta_t, shapes of params):
       A_t = clip(A_{t-1} + hyper_lr <m_{t-1}, g_t>, clip_lo, clip_hi)
-      out_t = (1 + A_t) g_t + momentum A_t m_{t-1}
-      m_t = g_t + momentum m_{t-1}                  (m_{-1} = 0, A_0 = 0, out_0 = g_0)
-  With momentum 0 this is G; ``fedhyper_global_momentum`` is GM. Chain a server
-  optimizer after it: ``optax.chain(fedhyper_global(), optax.sgd(1.0))`` is the code's
-  FedHyper-G, ``optax.sgd(eta_g)`` starts the global rate at eta_g.
+      out_t = (1 + A_t) g_t + momentum (A_t - A_0) m_{t-1}
+      m_t = g_t + momentum m_{t-1}      (m_{-1} = 0, A_0 = initial_rate - 1, out_0 = initial_rate g_0)
+  i.e. the paper's alpha_t = clip(alpha_{t-1} + <Delta_t, Delta_{t-1}>) from alpha_0 =
+  ``initial_rate``, bounds absolute (the code's [0.2, 5]); the hypergradient step is not
+  scaled by alpha_0. With momentum 0 this is G; ``fedhyper_global_momentum`` is GM.
+  ``optax.chain(fedhyper_global(initial_rate=eta_g), optax.sgd(1.0))`` is FedHyper-G
+  started at eta_g (eta_g = 1: the code's). The project's scaled variant is
+  ``optax.chain(fedhyper_global(), optax.sgd(eta_g))``: rate eta_g (1 + A), so the
+  hypergradient step is scaled by eta_g and the rate capped at 5 eta_g. From an
+  ``initial_rate`` below ``1 + clip_lo`` the first clip lifts the rate to that floor.
 
   Args:
     clip_lo, clip_hi: bounds of the accumulator (code: -0.8, 4; the paper's
@@ -158,9 +169,12 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
                     f"momentum must be in [0, 1), got {momentum}.")
   align = _alignment(normalize)
 
+  hyperparams.check(initial_rate, lambda r: r > 0,
+                    f"initial_rate must be positive, got {initial_rate}.")
+
   def init_fn(params):
-    return FedHyperGlobalState(jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
-                               jnp.zeros((), jnp.int32))
+    return FedHyperGlobalState(jnp.asarray(initial_rate - 1.0, jnp.float32),
+                               jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -168,7 +182,9 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
         state.count > 0,
         jnp.clip(state.accumulator + hyper_lr * align(state.trace, updates), clip_lo, clip_hi),
         state.accumulator)
-    out = jax.tree.map(lambda g, m: ((1.0 + accumulator) * g + momentum * accumulator * m
+    # GM's momentum coefficient is the hypergradient sum A_t - A_0 (the code's agg, A_0 = 0).
+    moved = accumulator - (initial_rate - 1.0)
+    out = jax.tree.map(lambda g, m: ((1.0 + accumulator) * g + momentum * moved * m
                                      ).astype(g.dtype), updates, state.trace)
     trace = jax.tree.map(lambda g, m: (g + momentum * m).astype(m.dtype), updates, state.trace)
     return out, FedHyperGlobalState(accumulator, trace, state.count + 1)
@@ -177,10 +193,10 @@ def fedhyper_global(clip_lo: float = -0.8, clip_hi: float = 4.0, hyper_lr: float
 
 
 def fedhyper_global_momentum(momentum: float = 0.9, clip_lo: float = -0.2, clip_hi: float = 4.0,
-                             hyper_lr: float = 1.0, normalize: bool = False
-                             ) -> optax.GradientTransformation:
+                             hyper_lr: float = 1.0, normalize: bool = False,
+                             initial_rate: float = 1.0) -> optax.GradientTransformation:
   """FedHyper-GM: G whose hypergradient and step use the momentum m (code defaults)."""
-  return fedhyper_global(clip_lo, clip_hi, hyper_lr, momentum, normalize)
+  return fedhyper_global(clip_lo, clip_hi, hyper_lr, momentum, normalize, initial_rate)
 
 
 def global_rate(state: PyTree) -> jax.Array:
@@ -526,16 +542,46 @@ def _option(config, key, default):
   return default if value is None else value
 
 
-def global_rule_from_config(config, momentum: bool) -> optax.GradientTransformation:
+GLOBAL_RATES = ("paper", "scaled")
+_ADAPTIVE_BASES = ("fedadam", "fedyogi", "fedadagrad")
+
+
+def rule_carries_rate(config, base_name: str = "fedavg") -> bool:
+  """Whether G/GM hold the global rate (``fedhyper_global_rate='paper'``, the default).
+
+  'paper': alpha_0 = ``server_lr``, alpha_t = clip(alpha_{t-1} + <Delta_t, Delta_{t-1}>,
+  0.2, 5) and the server optimizer steps with rate 1. Only for a linear server step
+  (``server_optimizer`` sgd / momentum on a non-adaptive base); before Adam-type servers
+  the rule is the code's multiplier 1 + A (FedAdam+FedHyper), the optimizer keeps
+  ``server_lr``. 'scaled' (the project's variant): the rate is server_lr (1 + A).
+  """
+  kind = config.get("fedhyper_global_rate", "paper")
+  if kind not in GLOBAL_RATES:
+    raise ValueError(f"Unknown fedhyper_global_rate {kind!r}; choose one of {GLOBAL_RATES}.")
+  return (kind == "paper" and config.get("server_optimizer", "sgd") in ("sgd", "momentum")
+          and base_name not in _ADAPTIVE_BASES)
+
+
+def _rate_moved_to_rule(config):
+  """``config`` with ``server_lr = 1``: the server step once the rule holds the rate."""
+  moved = config.copy_and_resolve_references()
+  moved.server_lr = 1.0
+  return moved
+
+
+def global_rule_from_config(config, momentum: bool, initial_rate: float = 1.0
+                            ) -> optax.GradientTransformation:
   normalize = config.get("fedhyper_normalize", False)
   if momentum:
     return fedhyper_global_momentum(config.get("fedhyper_momentum", 0.9),
                                     _option(config, "fedhyper_clip_lo", -0.2),
                                     _option(config, "fedhyper_clip_hi", 4.0),
-                                    config.get("fedhyper_hyper_lr", 1.0), normalize)
+                                    config.get("fedhyper_hyper_lr", 1.0), normalize,
+                                    initial_rate)
   return fedhyper_global(_option(config, "fedhyper_clip_lo", -0.8),
                          _option(config, "fedhyper_clip_hi", 4.0),
-                         config.get("fedhyper_hyper_lr", 1.0), normalize=normalize)
+                         config.get("fedhyper_hyper_lr", 1.0), normalize=normalize,
+                         initial_rate=initial_rate)
 
 
 def client_rule_from_config(config) -> optax.GradientTransformationExtraArgs:
@@ -565,25 +611,32 @@ def from_config_for(variant: str):
         raise ValueError(f"fedhyper_base must be a method without FedHyper rules "
                          f"(fedavg, fedprox, scaffold, fedadam, fal, fot, ...), got "
                          f"{base_name!r}.")
+      carries = rule_carries_rate(config, base_name)
+      base_config = _rate_moved_to_rule(config) if carries else config
       if base_name == "fedavg":
-        base = _baseline(config, example_loss, name)
+        base = _baseline(base_config, example_loss, name)
       else:
         import algorithms   # the registry; imported here because it imports this module
-        base = algorithms.build(base_name, config, example_loss, model=model)
-      return on_top(base, global_rule_from_config(config, variant == "gm"), name)
+        base = algorithms.build(base_name, base_config, example_loss, model=model)
+      initial_rate = config.server_lr if carries else 1.0
+      return on_top(base, global_rule_from_config(config, variant == "gm", initial_rate), name)
     server_rule = None
     if variant == "sl":
       server_rule = fedhyper_server_local(config.client_lr, config.get("sl_min_lr", 1e-3),
                                           config.get("sl_max_lr", 0.1),
                                           config.get("fedhyper_hyper_lr", 1.0),
                                           normalize=config.get("fedhyper_normalize", False))
-    elif variant in ("g_cl", "full"):
-      server_rule = global_rule_from_config(config, variant == "full")
+    server_config = config
+    if variant in ("g_cl", "full"):
+      carries = rule_carries_rate(config)
+      server_config = _rate_moved_to_rule(config) if carries else config
+      server_rule = global_rule_from_config(config, variant == "full",
+                                            config.server_lr if carries else 1.0)
     client_rule = client_rule_from_config(config) if variant in ("cl", "g_cl", "full") else None
-    return fedhyper(example_loss, config.client_lr, config.server_lr,
+    return fedhyper(example_loss, config.client_lr, server_config.server_lr,
                     schedule_from_config(config), config.get("weighting", "num_examples"),
                     server_rule=server_rule, client_rule=client_rule,
-                    server_optimizer=server_optimizer_from_config(config),
+                    server_optimizer=server_optimizer_from_config(server_config),
                     keep_client_rate=client_rule is not None and not config.get("cl_reset", True),
                     name=name)
 

@@ -56,8 +56,9 @@ def check_names(config) -> None:
   if "partition" in config and config.partition not in data_lib.PARTITION_NAMES:
     raise ValueError(f"Unknown partition {config.partition!r}; known: "
                      f"{', '.join(data_lib.PARTITION_NAMES)}.")
-  if "model" in config and config.model not in models_lib.MODELS:
-    raise ValueError(f"Unknown model {config.model!r}; known: {', '.join(models_lib.MODELS)}.")
+  known_models = tuple(models_lib.MODELS) + ("mlp_bn",)
+  if "model" in config and config.model not in known_models:
+    raise ValueError(f"Unknown model {config.model!r}; known: {', '.join(known_models)}.")
 
 
 def divergence(history, factor: float, summary: Optional[dict] = None) -> dict:
@@ -107,6 +108,9 @@ def build(config) -> Experiment:
     elif config.model == "mlp_bn":
       from fedjax_lab.models import batchnorm
       model = batchnorm.mlp_bn(config.get("hidden", (200,)), info.num_classes)
+    elif config.model == "cnn":
+      model = models_lib.cnn(config.get("cnn_features", (32, 64)), config.get("cnn_dense", 128),
+                             info.num_classes)
     else:
       model = models_lib.get(config.model, num_classes=info.num_classes)
     example_loss = models_lib.classification_loss(model)

@@ -267,13 +267,53 @@ def test_zero_radius_is_exactly_the_base_method(base, attack):
   data, model, params = classification_problem()
   loss = models.classification_loss(model)
   plain_state, plain_metrics = plain_run(base)
-  config = small_config(adversarial_base=base)
+  config = small_config(adversarial_base=base, fal_weighting="num_examples")
   config.adversarial_training.update(attack)
   method = algorithms.build("fal", config, loss)
   assert method.name == "fal"
   state, metrics_ = run_rounds(method, data, params, 2)
   chex.assert_trees_all_equal(state.params, plain_state.params)
   np.testing.assert_array_equal(metrics_["train_loss"], plain_metrics["train_loss"])
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "num_examples"])
+def test_fal_round_averages_clients_uniformly_by_default(weighting):
+  """One FAL round on a logistic model against numpy: each client runs 2 full-batch steps
+  on its l_inf-attacked inputs x - rho y sign(w) (the closed-form attack), and the server
+  averages the deltas with w_c = 1/N (the paper's, default) or n_c / n (the option)."""
+  sizes, rho, lr = (5, 3, 7, 2, 6), 0.1, 0.5
+  rng = np.random.default_rng(7)
+  n = sum(sizes)
+  x = rng.uniform(0.3, 0.7, size=(n, 4)).astype(np.float32)
+  y = rng.choice([-1.0, 1.0], size=n).astype(np.float32)
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  data = FederatedData({"x": x, "y": y}, offsets)
+  params = {"w": jnp.asarray([0.5, -0.7, 0.3, 0.9], jnp.float32), "b": jnp.float32(0.1)}
+  config = small_config(batch_size=-1, local_epochs=2, client_lr=lr)
+  config.adversarial_training.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
+                                          clip_min=None, clip_max=None))
+  if weighting != "uniform":
+    config.fal_weighting = weighting
+  method = algorithms.build("fal", config, logistic_example_loss)
+  assert method.weighting == weighting
+  state, _ = run_rounds(method, data, params, 1)
+  deltas = []
+  for c in range(len(sizes)):
+    xc, yc = x[offsets[c]:offsets[c + 1]], y[offsets[c]:offsets[c + 1]]
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    for _ in range(2):
+      x_adv = xc - rho * yc[:, None] * np.sign(p["w"])
+      g = numpy_logistic_grad(p, x_adv, yc, np.ones(len(yc)))
+      p = {k: p[k] - lr * g[k] for k in p}
+    deltas.append({k: p[k] - np.asarray(params[k], np.float64) for k in p})
+  weights = np.ones(len(sizes)) if weighting == "uniform" else np.asarray(sizes, np.float64)
+  weights = weights / weights.sum()
+  expected = {k: np.asarray(params[k], np.float64) + sum(w * d[k] for w, d in zip(weights, deltas))
+              for k in params}
+  tree_close(state.params, expected, atol=1e-5)
+  other = np.asarray(sizes) / n if weighting == "uniform" else np.full(len(sizes), 1 / len(sizes))
+  gap = abs(float(np.sum((weights - other) * np.asarray([d["b"] for d in deltas]))))
+  assert gap > 1e-4                                    # the two weightings differ here
 
 
 def test_fal_vmap_and_sharded_backends_agree():

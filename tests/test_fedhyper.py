@@ -199,6 +199,48 @@ def np_g_run(data, params, rounds, local, weights, server_lr, lo=-0.8, hi=4.0):
   return x, acc
 
 
+def np_paper_g_run(data, params, rounds, local, weights, alpha0, lo=0.2, hi=5.0):
+  """The paper's eq.: alpha_t = clip(alpha_{t-1} + <Delta_t, Delta_{t-1}>), x += alpha_t Delta_t."""
+  x, alpha, prev = to_numpy(params), alpha0, None
+  for t in range(rounds):
+    delta, _ = np_mean_delta(data, x, local, weights)
+    if t > 0:
+      alpha = float(np.clip(alpha + dot(prev, delta), lo, hi))
+    x = {k: x[k] + alpha * delta[k] for k in x}
+    prev = delta
+  return x, alpha
+
+
+@pytest.mark.parametrize("server_lr", [0.5, 0.1])
+def test_paper_global_rate_from_config_matches_numpy(server_lr):
+  """Default fedhyper_global_rate='paper': alpha_0 = server_lr, unscaled hypergradient
+  steps, absolute bounds [0.2, 5]; 'scaled' is server_lr (1 + A) (np_g_run)."""
+  import algorithms
+  import ml_collections
+  data, params = linear_problem(SIZES)
+  config = ml_collections.ConfigDict(dict(
+      client_lr=0.4, server_lr=server_lr, batch_size=2, local_epochs=2, local_steps=0,
+      shuffle=False, weighting="num_examples", fedhyper_hyper_lr=1.0))
+  def local(i, x):
+    c = data.client(i)
+    return local_sgd(x, c["x"], c["y"], 0.4, 2, 2)[0]
+  paper = run_rounds(algorithms.build("fedhyper_g", config, linear_example_loss),
+                     data, params, 3)[-1]
+  x, alpha = np_paper_g_run(data, params, 3, local, SIZES, server_lr)
+  tree_close(paper.params, x, atol=1e-5)
+  assert float(fh.global_rate(paper)) == pytest.approx(alpha, abs=1e-5)
+  config.fedhyper_global_rate = "scaled"
+  scaled = run_rounds(algorithms.build("fedhyper_g", config, linear_example_loss),
+                      data, params, 3)[-1]
+  x_scaled, acc = np_g_run(data, params, 3, local, SIZES, server_lr)
+  tree_close(scaled.params, x_scaled, atol=1e-5)
+  gap = max(float(np.max(np.abs(x[k] - x_scaled[k]))) for k in x)
+  assert gap > 1e-3 and alpha - server_lr > 1e-2   # the two forms differ; the rate moved
+  config.fedhyper_global_rate = "other"
+  with pytest.raises(ValueError, match="Unknown fedhyper_global_rate 'other'"):
+    algorithms.build("fedhyper_g", config, linear_example_loss)
+
+
 @pytest.mark.parametrize("clip_hi", [4.0, 0.05])
 def test_g_on_fedprox_matches_numpy(clip_hi):
   data, params = linear_problem(SIZES)

@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.shuffle = True               # reshuffle client data every epoch
   config.client_lr = 0.1
   config.server_lr = 1.0
-  config.weighting = "num_examples"
+  config.weighting = "num_examples"   # FedAvg, FAT, FedDynAT
+  config.fal_weighting = "uniform"    # FAL: the paper's 1/N average ("num_examples": by n_c)
   # Adversarial training: the attack every local step runs on the current local model.
   config.adversarial_training = ml_collections.ConfigDict(dict(
       norm="linf", eps=EPS, step_size=EPS / 4, steps=10, rand_init=True,

@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.server_optimizer = "sgd"
   config.server_momentum = 0.9       # 'momentum' server optimizer and fedavgm
   # FedHyper-G/GM: A <- clip(A + h <m_{t-1}, Delta_t>, lo, hi); rate 1 + A.
+  # 'paper': rate alpha_0 = server_lr, alpha += <Delta_t, Delta_{t-1}>; 'scaled': server_lr (1 + A).
+  config.fedhyper_global_rate = "paper"
   config.fedhyper_base = "fedavg"    # G/GM on top of any registered method (fedprox, scaffold, ...)
   config.fedhyper_clip_lo = config_dict.placeholder(float)   # None: -0.8 (G), -0.2 (GM)
   config.fedhyper_clip_hi = config_dict.placeholder(float)   # None: 4.0
