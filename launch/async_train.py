@@ -19,8 +19,13 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import workdir as workdir_lib
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "async_digits.py")
+if __name__ == "__main__":
+  workdir_lib.exit_on_unknown_override(sys.argv, _DEFAULT_CONFIG)
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "async_digits.py"),
+    "config", _DEFAULT_CONFIG,
     "Path to an ml_collections config file; override fields with --config.KEY=VALUE.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints (resumes).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -180,13 +185,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from fedjax_lab import checkpoint, training
+  workdir_lib.quiet_logs()
   config = _CONFIG.value
-  if _WORKDIR.value:
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
-    _, _, summary = run(config, _WORKDIR.value, _PROGRESS.value)
+    with workdir_lib.open_run(_WORKDIR.value, config):
+      _, _, summary = run(config, _WORKDIR.value, _PROGRESS.value)
   except (ValueError, training.NonFiniteLossError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
