@@ -21,13 +21,20 @@ from ml_collections import config_flags
 from launch import workdir as workdir_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "gossip_digits.py")
-if __name__ == "__main__":
+_CONFIG = _WORKDIR = _PROGRESS = None
+
+
+def _define_flags():
+  # Defined only when run as a script, so tests and notebooks can import this module
+  # next to other launch scripts without clashing flag names.
+  global _CONFIG, _WORKDIR, _PROGRESS
   workdir_lib.exit_on_unknown_override(sys.argv, _DEFAULT_CONFIG)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG,
-    "Path to an ml_collections config file; override fields with --config.KEY=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints (resumes).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG,
+      "Path to an ml_collections config file; override fields with --config.KEY=VALUE.")
+  _WORKDIR = flags.DEFINE_string("workdir", None,
+                                 "Directory for metrics and checkpoints (resumes).")
+  _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def run(config, workdir=None, progress=True):
@@ -98,4 +105,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
