@@ -10,31 +10,16 @@ node_test_accuracy (the mean over the nodes' own models), consensus_distance
 With --workdir, metrics go to metrics.jsonl and checkpoints to checkpoints/; running
 again with the same --workdir resumes.
 """
-import json
 import os
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
 from launch import workdir as workdir_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "gossip_digits.py")
-_CONFIG = _WORKDIR = _PROGRESS = None
-
-
-def _define_flags():
-  # Defined only when run as a script, so tests and notebooks can import this module
-  # next to other launch scripts without clashing flag names.
-  global _CONFIG, _WORKDIR, _PROGRESS
-  workdir_lib.exit_on_unknown_override(sys.argv, _DEFAULT_CONFIG)
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG,
-      "Path to an ml_collections config file; override fields with --config.KEY=VALUE.")
-  _WORKDIR = flags.DEFINE_string("workdir", None,
-                                 "Directory for metrics and checkpoints (resumes).")
-  _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_FLAGS = None   # (config, workdir, progress) when run as a script
 
 
 def run(config, workdir=None, progress=True):
@@ -92,18 +77,10 @@ def run(config, workdir=None, progress=True):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from fedjax_lab import checkpoint, training
-  workdir_lib.quiet_logs()
-  config = _CONFIG.value
-  try:
-    with workdir_lib.open_run(_WORKDIR.value, config):
-      _, _, summary = run(config, _WORKDIR.value, _PROGRESS.value)
-  except (ValueError, training.NonFiniteLossError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(json.dumps(summary))
+  config, workdir, progress = (f.value for f in _FLAGS)
+  workdir_lib.run_script(run, config, workdir, progress)
 
 
 if __name__ == "__main__":
-  _define_flags()
+  _FLAGS = workdir_lib.define_script_flags(_DEFAULT_CONFIG)
   app.run(main)

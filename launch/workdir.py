@@ -261,3 +261,31 @@ def exit_on_unknown_override(argv, default_config_path: str, flag: str = "config
   if message:
     print(message, file=sys.stderr)
     sys.exit(2)
+
+
+def define_script_flags(default_config_path: str):
+  """``(config, workdir, progress)`` flag holders of a launch script, defined when it
+  runs as a script (not at import, so launch modules can be imported side by side)."""
+  from ml_collections import config_flags
+  exit_on_unknown_override(sys.argv, default_config_path)
+  config = config_flags.DEFINE_config_file(
+      "config", default_config_path,
+      "Path to an ml_collections config file; override fields with --config.KEY=VALUE.")
+  workdir = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints (resumes).")
+  progress = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  return config, workdir, progress
+
+
+def run_script(run, config, workdir: Optional[str], progress: bool) -> None:
+  """A launch script's main: quiet logs, ``open_run``, ``run(config, workdir, progress)``
+  (whose last result is the summary), errors as one ``error:`` line and exit 1, the
+  summary as the last line of JSON."""
+  from fedjax_lab import checkpoint
+  quiet_logs()
+  try:
+    with open_run(workdir, config):
+      summary = run(config, workdir, progress)[-1]
+  except (ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(summary))
