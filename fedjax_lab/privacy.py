@@ -233,7 +233,8 @@ def tree_prefix_noise(key: jax.Array, tree: jax.Array, prefix: jax.Array, depth:
     present = ((prefix >> level) & 1).astype(jnp.float32)
     node_key = jax.random.fold_in(jax.random.fold_in(tree_key, level),
                                   2 * (prefix >> (level + 1)))
-    total = [t + present * jax.random.normal(jax.random.fold_in(node_key, i), s.shape, s.dtype)
+    total = [t + present.astype(s.dtype) * jax.random.normal(jax.random.fold_in(node_key, i),
+                                                             s.shape, s.dtype)
              for i, (t, s) in enumerate(zip(total, shapes))]
   return total
 
