@@ -134,19 +134,22 @@ def _steps(local):
   return jnp.maximum(local.num_steps, 1).astype(jnp.float32)
 
 
+def _broadcast_momentum(state):
+  """The server's params and the momentum buffer its clients step with."""
+  return {"params": state.params, "momentum": server_momentum(state)}
+
+
+def _momentum_extra_args(message_down, client_state):
+  del client_state
+  return {"global_params": message_down["params"], "momentum": message_down["momentum"]}
+
+
 def fedavg_cm(example_loss, client_lr: float, global_lr: float, beta: float = 0.1,
               schedule: LocalSchedule = LocalSchedule(), weighting: str = "uniform",
               name: str = "fedavg_cm") -> FederatedAlgorithm:
   """FedAvg-M (Algorithm 1). ``global_lr`` is gamma; ``gamma = eta K`` makes the server
   step FedAvg's ``x + mean Delta``. beta = 1 is FedAvg with that server step."""
   hyperparams.check(beta, lambda b: 0.0 < b <= 1.0, f"beta must be in (0, 1], got {beta}.")
-
-  def broadcast(state):
-    return {"params": state.params, "momentum": server_momentum(state)}
-
-  def client_extra_args(message_down, client_state):
-    del client_state
-    return {"global_params": message_down["params"], "momentum": message_down["momentum"]}
 
   def client_final(local, message_down, client_state):
     delta = jax.tree.map(jnp.subtract, local.params, message_down["params"])
@@ -158,8 +161,8 @@ def fedavg_cm(example_loss, client_lr: float, global_lr: float, beta: float = 0.
       name=name, oracle=oracles.first_order(example_loss),
       client_tx=optax.chain(blend_with_momentum(beta), optax.sgd(client_lr)),
       server_tx=optax.sgd(global_lr), schedule=schedule, weighting=weighting,
-      server_rule=momentum_from_clients(), broadcast=broadcast,
-      client_extra_args=client_extra_args, client_final=client_final)
+      server_rule=momentum_from_clients(), broadcast=_broadcast_momentum,
+      client_extra_args=_momentum_extra_args, client_final=client_final)
 
 
 def scaffold_m(example_loss, client_lr: float, global_lr: float, beta: float = 0.1,
@@ -231,13 +234,6 @@ def mimelite(example_loss, client_lr: float, beta: float = 0.9, server_lr: float
   hyperparams.check(beta, lambda b: 0.0 <= b < 1.0, f"beta must be in [0, 1), got {beta}.")
   oracle = with_anchor_gradient(example_loss)
 
-  def broadcast(state):
-    return {"params": state.params, "momentum": server_momentum(state)}
-
-  def client_extra_args(message_down, client_state):
-    del client_state
-    return {"global_params": message_down["params"], "momentum": message_down["momentum"]}
-
   def client_final(local, message_down, client_state):
     delta = jax.tree.map(jnp.subtract, local.params, message_down["params"])
     anchor = local.oracle_state
@@ -248,8 +244,8 @@ def mimelite(example_loss, client_lr: float, beta: float = 0.9, server_lr: float
       name="mimelite", oracle=oracle,
       client_tx=optax.chain(blend_with_momentum(1.0 - beta), optax.sgd(client_lr)),
       server_tx=optax.sgd(server_lr), schedule=schedule, weighting=weighting,
-      server_rule=momentum_of_gradients(beta), broadcast=broadcast,
-      client_extra_args=client_extra_args, client_final=client_final)
+      server_rule=momentum_of_gradients(beta), broadcast=_broadcast_momentum,
+      client_extra_args=_momentum_extra_args, client_final=client_final)
 
 
 def _global_lr(config):

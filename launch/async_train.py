@@ -13,15 +13,11 @@ mean_staleness, the staleness histogram and the utilisation.
 import dataclasses
 import json
 import os
-import sys
 import time
-
-from absl import app
 
 from launch import workdir as workdir_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "async_digits.py")
-_FLAGS = None   # (config, workdir, progress) when run as a script
 
 METHODS = ("fedavg_sync", "fedasync", "fedbuff", "fedfix", "fedcompass", "fedau", "fedau_sync")
 
@@ -174,13 +170,5 @@ def run(config, workdir=None, progress=True):
   return state, history, summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config, workdir, progress = (f.value for f in _FLAGS)
-  workdir_lib.run_script(run, config, workdir, progress)
-
-
 if __name__ == "__main__":
-  _FLAGS = workdir_lib.define_script_flags(_DEFAULT_CONFIG)
-  app.run(main)
+  workdir_lib.run_as_script(run, _DEFAULT_CONFIG)

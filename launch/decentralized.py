@@ -11,15 +11,11 @@ With --workdir, metrics go to metrics.jsonl and checkpoints to checkpoints/; run
 again with the same --workdir resumes.
 """
 import os
-import sys
 import time
-
-from absl import app
 
 from launch import workdir as workdir_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "gossip_digits.py")
-_FLAGS = None   # (config, workdir, progress) when run as a script
 
 
 def run(config, workdir=None, progress=True):
@@ -74,13 +70,5 @@ def run(config, workdir=None, progress=True):
   return state, history, summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config, workdir, progress = (f.value for f in _FLAGS)
-  workdir_lib.run_script(run, config, workdir, progress)
-
-
 if __name__ == "__main__":
-  _FLAGS = workdir_lib.define_script_flags(_DEFAULT_CONFIG)
-  app.run(main)
+  workdir_lib.run_as_script(run, _DEFAULT_CONFIG)

@@ -289,3 +289,17 @@ def run_script(run, config, workdir: Optional[str], progress: bool) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(summary))
+
+
+def run_as_script(run, default_config_path: str) -> None:
+  """``app.run`` of a launch script whose main is ``run_script(run, ...)``, with the
+  flags of ``define_script_flags``."""
+  from absl import app
+  holders = define_script_flags(default_config_path)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    run_script(run, *(holder.value for holder in holders))
+
+  app.run(main)
