@@ -184,7 +184,9 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
       rounds_per_call=config.get("rounds_per_call", 1), workdir=workdir, progress=progress,
       writers=tuple(writers))
   evaluate = exp.evaluate or metrics_lib.make_evaluator(exp.model)
-  initial = metrics_lib.to_python(evaluate(exp.init_params, exp.test_arrays))
+  # The clean loss only: a robust evaluator would also attack the untrained model.
+  clean = metrics_lib.make_evaluator(exp.model) if exp.attacks else evaluate
+  initial = metrics_lib.to_python(clean(exp.init_params, exp.test_arrays))
   state, history = training.train(exp.algorithm, exp.init_params, exp.train_data,
                                   evaluate, exp.test_arrays, opts)
   final = metrics_lib.to_python(evaluate(state.params, exp.test_arrays))
