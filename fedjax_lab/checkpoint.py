@@ -15,6 +15,11 @@ leaves (values, dtypes, shapes; memmap tables excepted) goes to
 takes the newest checkpoint that reads back and matches its digest: a corrupt or
 unreadable newer one is moved aside to ``<directory>.corrupt/<r>-<time>`` (never
 deleted), with one line saying which and why.
+
+Saves are asynchronous when every leaf is a ``jax.Array`` (immutable, so training may go
+on while orbax writes): ``save`` returns once orbax holds its host copy, and the digest is
+written when the write completes (at the next save, restore or ``close``). A state with
+numpy or memmap tables, which the loop updates in place, is saved synchronously.
 """
 import datetime
 import hashlib
@@ -83,15 +88,35 @@ class Checkpointer:
           self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
     except Exception as e:  # orbax raises many types for unreadable directories
       raise CheckpointError(f"Could not open checkpoint directory {self.directory}: {e}") from e
+    self._pending = None   # (round, digest) of a save orbax is still writing
 
   def latest_round(self) -> Optional[int]:
+    self.wait_until_finished()
     return self._manager.latest_step()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the last save is on disk, then writes its digest."""
+    self._manager.wait_until_finished()
+    if self._pending is not None:
+      round_, sha = self._pending
+      self._pending = None
+      self._write_digest(round_, sha)
+
+  def _write_digest(self, round_: int, sha: str) -> None:
+    # Written only once the step is complete on disk: a digest always names a whole step.
+    os.makedirs(os.path.join(self.directory, DIGESTS), exist_ok=True)
+    path = self._digest_path(round_)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"round": round_, "sha256": sha}, f)
+    os.replace(path + ".tmp", path)
+    self._prune_tables()
 
   def _tables_dir(self, round_: int) -> str:
     return os.path.join(self.directory, HOST_TABLES, str(round_))
 
   def save(self, round_: int, state) -> None:
     """Saves ``state`` as step ``round_`` (a round already saved is left as it is)."""
+    self.wait_until_finished()
     if round_ in self._manager.all_steps():
       return
     tree, memmaps = _without_memmaps(state)
@@ -111,14 +136,9 @@ class Checkpointer:
       shutil.rmtree(final, ignore_errors=True)
       os.rename(partial, final)
     self._manager.save(round_, args=ocp.args.StandardSave(tree))
-    self._manager.wait_until_finished()
-    # The digest is written only once the step is complete on disk.
-    os.makedirs(os.path.join(self.directory, DIGESTS), exist_ok=True)
-    path = self._digest_path(round_)
-    with open(path + ".tmp", "w") as f:
-      json.dump({"round": round_, "sha256": digest(tree)}, f)
-    os.replace(path + ".tmp", path)
-    self._prune_tables()
+    self._pending = (round_, digest(tree))
+    if memmaps or not all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
+      self.wait_until_finished()
 
   def _digest_path(self, round_: int) -> str:
     return os.path.join(self.directory, DIGESTS, f"{round_}.json")
@@ -148,6 +168,7 @@ class Checkpointer:
     each on stderr. Raises CheckpointError (naming every round tried and why) if none
     is usable.
     """
+    self.wait_until_finished()
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
@@ -189,6 +210,7 @@ class Checkpointer:
     may change form between save and restore (device, numpy, memmap files); going to
     or from files then passes the table through host memory once.
     """
+    self.wait_until_finished()
     step = self.latest_round() if round_ is None else round_
     if step is None:
       raise CheckpointError(f"No checkpoint found in {self.directory}.")
@@ -253,5 +275,5 @@ class Checkpointer:
     return jax.tree.unflatten(treedef, restored_leaves)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     self._manager.close()

@@ -151,6 +151,24 @@ def test_no_valid_checkpoint_is_one_clear_error(tmp_path):
   ckpt.close()
 
 
+def test_device_states_save_asynchronously_and_host_tables_synchronously(tmp_path):
+  device_state = {"w": jax.numpy.arange(6.0), "round": jax.numpy.asarray(3)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  ckpt.save(3, device_state)
+  # Orbax may still be writing: the digest (written by us once it is done) must wait.
+  assert not os.path.exists(ckpt._digest_path(3))
+  ckpt.close()
+  again = checkpoint.Checkpointer(str(tmp_path / "c"))
+  assert again.saved_digest(3) == checkpoint.digest(device_state)
+  restored, step = again.restore_latest_valid(device_state)
+  assert step == 3 and np.array_equal(restored["w"], np.arange(6.0))
+  # A numpy table may be updated in place by the next round: saved before save returns.
+  host_state = {"w": np.arange(6.0), "round": jax.numpy.asarray(4)}
+  again.save(4, host_state)
+  assert again.saved_digest(4) == checkpoint.digest(host_state)
+  again.close()
+
+
 def test_resume_drops_a_torn_metrics_line_and_cuts_back_keeping_a_copy(tmp_path, capsys):
   workdir = str(tmp_path)
   _linear_run(workdir, 4)
