@@ -8,12 +8,19 @@ With K seeds s_1..s_K shared by server and clients, z_j = N(0, I) drawn from s_j
                   w <- w - eta g z_j                  upload (j, g): 8 bytes a step
     server:       w <- w - eta sum_{(j, g)} g z_j     replays every pair it received
 
-Only the library pieces (perturbations, local steps, replay, bytes): the round and
-launch config are not built yet.
+In the engine's round (``algorithms/fedkseed.py``): ``oracle`` is the client step's
+estimate ``g z_j`` (applied by ``optax.sgd(eta)``) and keeps ``a_j = sum of the g drawn
+with seed j``, so a client's whole trajectory is ``w_tau - w_0 = -eta sum_j a_j z_j``
+and its message is the K-vector ``c = -eta a`` (the tau pairs carry it); ``replay_rule``
+is the server's ``sum_j c_j z_j`` from the weighted mean of the c's.
 """
 import jax
 import jax.numpy as jnp
+import optax
 
+from fedjax_lab import hyperparams
+from fedjax_lab import oracles
+from fedjax_lab.transforms import GradientOracle
 from fedjax_lab.types import Params
 
 BYTES_PER_PAIR = 8   # int32 seed index + float32 scalar
@@ -57,3 +64,58 @@ def replay(params: Params, indices, scalars, seeds_key: jax.Array, lr) -> Params
 def uplink_bytes(num_pairs: int) -> int:
   """Bytes a client uploads for ``num_pairs`` (seed index, scalar) pairs."""
   return BYTES_PER_PAIR * int(num_pairs)
+
+
+def _check(num_seeds: int, eps) -> None:
+  if int(num_seeds) < 1:
+    raise ValueError(f"num_seeds (K) must be >= 1, got {num_seeds}")
+  hyperparams.check(eps, lambda v: v > 0, f"eps must be > 0, got {eps}")
+
+
+def oracle(example_loss, seeds_key: jax.Array, num_seeds: int, eps) -> GradientOracle:
+  """FedKSeed's client step as a gradient oracle: ``g z_j`` with ``j ~ U{0..K-1}``.
+
+  ``g`` is the two-point estimate on the step's masked mean loss; the state is the
+  K-vector ``a`` of accumulated scalars (``a[j] += g``), started at zeros. The reported
+  loss is ``(L(w + eps z) + L(w - eps z)) / 2`` (no third forward pass).
+  """
+  _check(num_seeds, eps)
+  loss = oracles.batch_loss(example_loss)
+
+  def update(params, batch, rng, acc):
+    key_j, key_loss = jax.random.split(rng)
+    j = jax.random.randint(key_j, (), 0, num_seeds)
+    z = perturbation(seeds_key, j, params)
+    plus = loss(jax.tree.map(lambda a, b: a + eps * b, params, z), batch, key_loss)
+    minus = loss(jax.tree.map(lambda a, b: a - eps * b, params, z), batch, key_loss)
+    g = (plus - minus) / (2.0 * eps)
+    grads = jax.tree.map(lambda b: (g * b).astype(b.dtype), z)
+    return grads, {"loss": 0.5 * (plus + minus)}, acc.at[j].add(g)
+
+  return GradientOracle(init=lambda params: jnp.zeros((num_seeds,), jnp.float32), update=update)
+
+
+def apply_coefficients(params: Params, coefficients, seeds_key: jax.Array) -> Params:
+  """``params + sum_j coefficients[j] z_j``: one z_j generated at a time, zeros skipped."""
+  def one(w, inputs):
+    j, c = inputs
+    add = lambda w: jax.tree.map(lambda a, b: a + (c * b).astype(a.dtype), w,
+                                 perturbation(seeds_key, j, w))
+    return jax.lax.cond(c != 0, add, lambda w: w, w), None
+  indices = jnp.arange(coefficients.shape[0], dtype=jnp.int32)
+  return jax.lax.scan(one, params, (indices, coefficients))[0]
+
+
+def replay_rule(seeds_key: jax.Array) -> optax.GradientTransformationExtraArgs:
+  """Server rule: the seed-space pseudo-gradient ``-c [K]`` to ``-sum_j c_j z_j`` (a params tree).
+
+  Linear in ``c``, so replaying the weighted mean of the clients' vectors equals the
+  weighted mean of their replayed updates.
+  """
+  def update(updates, state, params=None, **extra):
+    del extra
+    if params is None:
+      raise ValueError("replay_rule needs params (the shapes of the perturbations)")
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return apply_coefficients(zeros, updates, seeds_key), state
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
