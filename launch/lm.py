@@ -9,11 +9,13 @@
 2. one fixed char vocabulary, the 95 printable ASCII characters (other characters are
    out of vocabulary), so pre-training and every client's text share it;
 3. pre-training: ``centralized.train`` (Adam) of ``transformer_lm`` on the public text;
+   The model carries ``prompt_length`` prompt embeddings, pre-trained with it;
 4. the fine-tuned model (``config.finetune``): ``full`` (every parameter), ``lora``
    (``lora.lora_model``, rank ``lora_rank``, alpha ``lora_alpha``, all dense kernels) or
-   ``prompt`` (``prompt_length`` embeddings initialised from random vocabulary
-   embeddings, Lester et al. 2021; ``lora.subset_model``); its params are the trainable
-   tree only, so any registered method (fedavg, fedprox, fedkseed, ...) trains it.
+   ``prompt`` (only the prompt embeddings, Lester et al. 2021, started from the
+   pre-trained ones; ``lora.subset_model``); its params are the trainable tree only, so
+   any registered method (fedavg, fedprox, fedkseed, ...) trains it, and every variant
+   starts at the pre-trained model.
 
 ``report`` adds the message sizes to the summary: ``uplink_bytes_per_client_round``
 (the trainable tree, or FedKSeed's 8 bytes a local step) next to
@@ -77,10 +79,21 @@ def _split(texts: list, fraction: float) -> tuple[list, list]:
   return texts[:-held], texts[-held:]
 
 
+def _transformer(config, vocab):
+  return transformer.transformer_lm(vocab.size, config.lm_layers, config.lm_d_model,
+                                    config.lm_heads, max_len=config.sequence_length,
+                                    num_prompt=config.prompt_length)
+
+
 def pretrained_lm(config, vocab: text_lib.Vocabulary, public: list):
-  """``(model, params, losses)``: ``transformer_lm`` pre-trained on ``public``."""
-  model = transformer.transformer_lm(vocab.size, config.lm_layers, config.lm_d_model,
-                                     config.lm_heads, max_len=config.sequence_length)
+  """``(model, params, losses)``: ``transformer_lm`` pre-trained on ``public``.
+
+  The model has ``prompt_length`` prompt embeddings, pre-trained with it (a learned
+  prefix), so prompt tuning starts from the pre-trained model itself.
+  """
+  if config.prompt_length < 0:
+    raise ValueError(f"prompt_length must be >= 0, got {config.prompt_length}")
+  model = _transformer(config, vocab)
   rows = text_lib.char_sequences(public, vocab, config.sequence_length)
   params = jax.jit(model.init)(jax.random.PRNGKey(config.seed + 1), rows["x"][:1])
   params, losses = centralized.train(
@@ -90,28 +103,20 @@ def pretrained_lm(config, vocab: text_lib.Vocabulary, public: list):
   return model, params, losses
 
 
-def finetuned_model(config, vocab, model, params):
-  """``(fine-tuned model, its initial trainable params, the frozen base params)``."""
+def finetuned_model(config, model, params):
+  """``(fine-tuned model, its initial trainable params)``; every variant starts at ``params``."""
   kind = config.finetune
   if kind not in FINETUNE:
     raise ValueError(f"unknown finetune {kind!r}; choose one of {', '.join(FINETUNE)}")
-  key = jax.random.PRNGKey(config.seed + 3)
   if kind == "full":
-    return model, params, params
+    return model, params
   if kind == "lora":
     tuned = lora.lora_model(model, params, config.lora_rank, config.get("lora_alpha") or None)
-    return tuned, tuned.init(key, None), params
-  length = config.prompt_length
-  if length < 1:
-    raise ValueError(f"prompt_length must be >= 1 for prompt tuning, got {length}")
-  prompted = transformer.transformer_lm(vocab.size, config.lm_layers, config.lm_d_model,
-                                        config.lm_heads, max_len=config.sequence_length,
-                                        num_prompt=length)
-  table = params["params"]["embed"]["embedding"]
-  tokens = jax.random.randint(key, (length,), text_lib.NUM_RESERVED, vocab.oov)
-  base = lora.put(jax.tree.map(jnp.asarray, params), {"params": {"prompt": table[tokens]}})
-  tuned = lora.subset_model(prompted, base, lora.named("prompt"))
-  return tuned, tuned.init(key, None), base
+    return tuned, tuned.init(jax.random.PRNGKey(config.seed + 3), None)
+  if config.prompt_length < 1:
+    raise ValueError(f"prompt tuning needs prompt_length >= 1, got {config.prompt_length}")
+  tuned = lora.subset_model(model, params, lora.named("prompt"))
+  return tuned, tuned.init(None, None)
 
 
 def build(config) -> common.Experiment:
@@ -124,7 +129,7 @@ def build(config) -> common.Experiment:
   test_arrays = text_lib.char_sequences([s for _, test in split for s in test], vocab,
                                         config.sequence_length)
   model, params, losses = pretrained_lm(config, vocab, public)
-  tuned, init_params, base = finetuned_model(config, vocab, model, params)
+  tuned, init_params = finetuned_model(config, model, params)
   example_loss = text_models.sequence_loss(tuned)
   evaluate = text_models.make_sequence_evaluator(tuned)
   method = algorithms.build(config.algorithm, config, example_loss, model=tuned)

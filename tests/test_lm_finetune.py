@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from algorithms.fedkseed import fedkseed
-from fedjax_lab import lora
+from fedjax_lab import centralized, lora
 from fedjax_lab import client as client_lib
 from fedjax_lab.algorithm import aggregate_and_step
 from fedjax_lab.client import LocalSchedule
@@ -18,7 +18,7 @@ from fedjax_lab.models import Model
 from fedjax_lab.models import transformer
 from fedjax_lab.transforms import as_extra_args
 from fedjax_lab.zeroth_order import kseed
-from reference import linear_example_loss, linear_problem, to_numpy
+from reference import linear_example_loss, linear_grad, linear_problem, to_numpy
 
 
 def test_transformer_is_causal_and_its_attention_matches_numpy():
@@ -212,6 +212,7 @@ def test_launch_reads_leaf_shakespeare_clients_with_one_vocabulary(tmp_path):
   assert vocab.decode(exp.test_arrays["y"]) == users["ROMEO"][1] + users["JULIET"][1]
 
 
+@pytest.mark.slow
 def test_launch_fedkseed_lowers_the_pretrained_lms_test_loss_in_few_bytes():
   from launch import common
   from launch.configs import fedkseed_text
@@ -222,3 +223,25 @@ def test_launch_fedkseed_lowers_the_pretrained_lms_test_loss_in_few_bytes():
   assert summary["test_loss"] < summary["initial_test_loss"] - 1e-3
   assert summary["uplink_bytes_per_client_round"] == 8 * 30 < 18_000
   assert summary["full_finetune_uplink_bytes"] == 4 * summary["trainable_params"]
+
+
+def test_central_pretraining_is_sgd_on_the_drawn_rows_and_deterministic():
+  data, params = linear_problem((9,), dim=3)
+  arrays = {k: jnp.asarray(v) for k, v in data.arrays.items()}
+  rng, lr, steps, batch = jax.random.PRNGKey(4), 0.1, 3, 4
+  final, losses = centralized.train(linear_example_loss, jax.tree.map(jnp.asarray, params), arrays,
+                                    steps, batch, optax.sgd(lr), rng)
+  x, y = np.asarray(data.arrays["x"], np.float64), np.asarray(data.arrays["y"], np.float64)
+  w = to_numpy(params)
+  for t, key in enumerate(jax.random.split(rng, steps)):
+    rows = np.asarray(jax.random.randint(jax.random.split(key)[0], (batch,), 0, 9))
+    grad = linear_grad(w, x[rows], y[rows])
+    np.testing.assert_allclose(float(losses[t]), np.mean(0.5 * (x[rows] @ w["w"] + w["b"] - y[rows]) ** 2),
+                               rtol=1e-5)
+    w = {k: w[k] - lr * grad[k] for k in w}
+  for k in w:
+    np.testing.assert_allclose(np.asarray(final[k], np.float64), w[k], rtol=1e-5, atol=1e-6)
+  again, _ = centralized.train(linear_example_loss, jax.tree.map(jnp.asarray, params), arrays,
+                               steps, batch, optax.sgd(lr), rng)
+  for k in w:
+    np.testing.assert_array_equal(again[k], final[k])

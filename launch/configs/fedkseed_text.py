@@ -44,7 +44,7 @@ def get_config(variant: str = "fedkseed") -> ml_collections.ConfigDict:
   config.finetune = {"lora": "lora", "prompt": "prompt"}.get(variant, "full")
   config.lora_rank = 4
   config.lora_alpha = 0.0              # 0: alpha = rank (scale 1)
-  config.prompt_length = 4
+  config.prompt_length = 4              # prompt embeddings, pre-trained; 'prompt' tunes only them
   # FedKSeed (Qin et al. 2024): K shared seeds, two-point eps, one pair a local step.
   config.kseed_num_seeds = 4096
   config.kseed_eps = 5e-4
@@ -55,7 +55,8 @@ def get_config(variant: str = "fedkseed") -> ml_collections.ConfigDict:
   config.local_epochs = 1
   config.local_steps = 200 if config.algorithm == "fedkseed" else 10
   config.batch_size = 4 if config.algorithm == "fedkseed" else 8
-  config.client_lr = 2e-4 if config.algorithm == "fedkseed" else 0.1
+  # Client rates (seed 0, shared 2-core CPU; docs/methods.md): ZO steps need a far smaller one.
+  config.client_lr = {"fedavg": 0.01, "lora": 0.2, "prompt": 0.1}.get(variant, 5e-5)
   config.server_lr = 1.0
   config.rounds_per_call = 10
   config.eval_every = 10
