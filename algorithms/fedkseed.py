@@ -21,7 +21,6 @@ eps = 5e-4, tau = 200 local steps of batch size 1; the rate is the task's. Their
 probability-differentiated sampling (FedKSeed-Pro) is not built here.
 """
 import jax
-import jax.numpy as jnp
 import optax
 
 from algorithms.fedavg import schedule_from_config

@@ -61,10 +61,10 @@ def get_config(variant: str = "fedkseed") -> ml_collections.ConfigDict:
   config.rounds_per_call = 10
   config.eval_every = 10
   config.checkpoint_every = 0
-  if variant == "tiny":                # the registry's example: seconds
+  if variant == "tiny":                # the registry's example: seconds, no pre-training
     config.num_clients, config.texts_per_client, config.public_texts = 6, 6, 40
-    config.sequence_length, config.lm_d_model, config.pretrain_steps = 16, 16, 5
-    config.lm_layers, config.lm_heads = 1, 1
+    config.sequence_length, config.lm_d_model, config.pretrain_steps = 8, 8, 0
+    config.lm_layers, config.lm_heads, config.prompt_length = 1, 1, 0
     config.rounds, config.clients_per_round, config.local_steps = 2, 3, 4
     config.kseed_num_seeds, config.eval_every = 64, 0
   return config
