@@ -120,6 +120,8 @@ def finetuned_model(config, model, params):
 
 
 def build(config) -> common.Experiment:
+  if config.finetune not in FINETUNE:   # before any text or pre-training
+    raise ValueError(f"unknown finetune {config.finetune!r}; choose one of {', '.join(FINETUNE)}")
   names, texts = client_texts(config)
   split = [_split(t, config.get("test_fraction", 0.2)) for t in texts]
   public = corpus.public_texts(config.public_texts, config.data_seed)

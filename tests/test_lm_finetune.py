@@ -210,6 +210,20 @@ def test_launch_reads_leaf_shakespeare_clients_with_one_vocabulary(tmp_path):
   rows = exp.train_data.arrays["x"][:int(exp.train_data.client_offsets[1])]
   assert vocab.decode(rows) == users["ROMEO"][0]
   assert vocab.decode(exp.test_arrays["y"]) == users["ROMEO"][1] + users["JULIET"][1]
+  # LoRA's message: A [in, r] and B [r, out] of every dense kernel, float32.
+  config.finetune, config.lora_rank = "lora", 2
+  summary = lm.report(config, lm.build(config))
+  kernels = [leaf.shape for path, leaf in traverse_util.flatten_dict(exp.init_params).items()
+             if path[-1] == "kernel"]
+  assert summary["uplink_bytes_per_client_round"] == 4 * sum(2 * (i + o) for i, o in kernels)
+  assert summary["full_finetune_uplink_bytes"] == 4 * sum(
+      np.size(x) for x in jax.tree.leaves(exp.init_params))
+  config.finetune = "adapters"
+  with pytest.raises(ValueError, match="unknown finetune 'adapters'; choose one of full, lora, prompt"):
+    lm.build(config)
+  config.finetune, config.data = "lora", "shakespeare"
+  with pytest.raises(ValueError, match="unknown data 'shakespeare' for LM fine-tuning"):
+    lm.build(config)
 
 
 @pytest.mark.slow
