@@ -146,11 +146,13 @@ def build(config) -> common.Experiment:
 
 def report(config, exp: common.Experiment) -> dict:
   """Message sizes and the fine-tuning setup, for the run's summary."""
+  extra = {}
   if config.algorithm == "fedkseed":
     uplink = algorithms.fedkseed.uplink_bytes(config)
+    extra = {"kseed_sampling": config.get("kseed_sampling", "uniform")}
   else:
     uplink = lora.tree_bytes(exp.init_params)
   return {"finetune": config.finetune, "uplink_bytes_per_client_round": uplink,
           "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(exp.init_params))),
           "pretrain_loss": exp.info.pretrain_loss,
-          "full_finetune_uplink_bytes": exp.info.full_finetune_uplink_bytes}
+          "full_finetune_uplink_bytes": exp.info.full_finetune_uplink_bytes, **extra}

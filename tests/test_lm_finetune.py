@@ -259,3 +259,60 @@ def test_central_pretraining_is_sgd_on_the_drawn_rows_and_deterministic():
                                steps, batch, optax.sgd(lr), rng)
   for k in w:
     np.testing.assert_array_equal(again[k], final[k])
+
+
+def _authors_probabilities(histories, clip):
+  """FedKSeed-Pro's p from per-seed lists of scalars (each history starts with 0), numpy."""
+  amp = np.array([np.mean(np.abs(np.clip([0.0] + h, -clip, clip))) for h in histories])
+  amp = (amp - amp.min()) / (amp.max() - amp.min() + 1e-10)
+  return np.exp(amp) / np.exp(amp).sum()
+
+
+def test_fedkseed_pro_samples_by_the_history_and_the_server_sums_it():
+  data, params = linear_problem((5, 4), dim=3)
+  lr, eps, clip, steps, batch, seeds_key = 0.05, 1e-3, 0.3, 4, 2, jax.random.PRNGKey(5)
+  method = fedkseed(linear_example_loss, lr, seeds_key, num_seeds=4, eps=eps,
+                    schedule=LocalSchedule(batch_size=batch, epochs=None, steps=steps, shuffle=False),
+                    sampling="pro", clip=clip)
+  start = jax.tree.map(jnp.asarray, params)
+  state = method.init(start, jax.random.PRNGKey(0), 2)
+  down = method.broadcast(state)
+  np.testing.assert_allclose(np.exp(down["seed_log_p"]), 0.25, rtol=1e-6)   # no history yet
+  # All mass on seed 2: the client's steps are fixed, numpy replays them with the clip.
+  down = {**down, "seed_log_p": jnp.log(jnp.array([0.0, 0.0, 1.0, 0.0]))}
+  messages, gs = [], []
+  for i in range(2):
+    arrays, size = _client(data, i)
+    padded = {k: jnp.zeros((5,) + v.shape[1:], v.dtype).at[:v.shape[0]].set(v) for k, v in arrays.items()}
+    local = client_lib.local_train(method.oracle, as_extra_args(method.client_tx), method.schedule,
+                                   start, padded, size, jax.random.PRNGKey(i),
+                                   {"global_params": start}, 5, method.init_oracle_state(down, ()))
+    message, _ = method.client_final(local, down, ())
+    z = to_numpy(kseed.perturbation(seeds_key, 2, start))
+    x, y, n = np.asarray(arrays["x"], np.float64), np.asarray(arrays["y"], np.float64), int(size)
+    f = lambda w, rows: np.mean(0.5 * (x[rows] @ w["w"] + w["b"] - y[rows]) ** 2)
+    w, g_steps = to_numpy(params), []
+    for t in range(steps):
+      rows = [(t * batch + b) % n for b in range(batch)]
+      g = (f({k: w[k] + eps * z[k] for k in w}, rows) - f({k: w[k] - eps * z[k] for k in w}, rows)) / (2 * eps)
+      w = {k: w[k] - lr * g * z[k] for k in w}
+      g_steps.append(g)
+    np.testing.assert_allclose(message["count"], [0, 0, steps, 0])
+    np.testing.assert_allclose(float(message["abs"][2]), np.sum(np.abs(np.clip(g_steps, -clip, clip))),
+                               rtol=2e-2)
+    np.testing.assert_allclose(float(message["delta"][2]), -lr * np.sum(g_steps), rtol=2e-2)
+    messages.append(message)
+    gs.append(g_steps)
+  stacked = jax.tree.map(lambda *m: jnp.stack(m), *messages)
+  new_state, _ = aggregate_and_step(method, state, stacked, jnp.array([5.0, 4.0]))
+  history = jax.tree.map(np.asarray, new_state.rule_state[0])
+  np.testing.assert_allclose(history.count, [0, 0, 2 * steps, 0])           # summed, not averaged
+  np.testing.assert_allclose(history.abs_total[2], sum(float(m["abs"][2]) for m in messages), rtol=1e-6)
+  # The next broadcast's p is the authors' formula on the per-seed histories.
+  expected = _authors_probabilities([[], [], gs[0] + gs[1], []], clip)
+  np.testing.assert_allclose(np.exp(method.broadcast(new_state)["seed_log_p"]), expected, rtol=1e-5)
+  direct = _authors_probabilities([[0.5, -2.0], [], [3.0], [-0.1, 0.1, 0.2]], clip=1.0)
+  hist = kseed.SeedHistory(jnp.array([1.5, 0.0, 1.0, 0.4]), jnp.array([2.0, 0.0, 1.0, 3.0]))
+  np.testing.assert_allclose(np.exp(kseed.seed_log_probabilities(hist)), direct, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown sampling 'biased'"):
+    fedkseed(linear_example_loss, lr, seeds_key, sampling="biased")

@@ -12,8 +12,11 @@ In the engine's round (``algorithms/fedkseed.py``): ``oracle`` is the client ste
 estimate ``g z_j`` (applied by ``optax.sgd(eta)``) and keeps ``a_j = sum of the g drawn
 with seed j``, so a client's whole trajectory is ``w_tau - w_0 = -eta sum_j a_j z_j``
 and its message is the K-vector ``c = -eta a`` (the tau pairs carry it); ``replay_rule``
-is the server's ``sum_j c_j z_j`` from the weighted mean of the c's.
+is the server's ``sum_j c_j z_j`` from the weighted mean of the c's. FedKSeed-Pro:
+``pro_oracle``, ``SeedHistory``, ``seed_log_probabilities``, ``history_rule``.
 """
+from typing import NamedTuple
+
 import jax
 from jax import flatten_util
 import jax.numpy as jnp
@@ -75,6 +78,15 @@ def _check(num_seeds: int, eps) -> None:
   hyperparams.check(eps, lambda v: v > 0, f"eps must be > 0, got {eps}")
 
 
+def _two_point(loss, params, batch, key, seeds_key, j, eps):
+  """``(g z_j, (L+ + L-) / 2, g)`` at ``params`` on ``batch``."""
+  z = perturbation(seeds_key, j, params)
+  plus = loss(jax.tree.map(lambda a, b: a + eps * b, params, z), batch, key)
+  minus = loss(jax.tree.map(lambda a, b: a - eps * b, params, z), batch, key)
+  g = (plus - minus) / (2.0 * eps)
+  return jax.tree.map(lambda b: (g * b).astype(b.dtype), z), 0.5 * (plus + minus), g
+
+
 def oracle(example_loss, seeds_key: jax.Array, num_seeds: int, eps) -> GradientOracle:
   """FedKSeed's client step as a gradient oracle: ``g z_j`` with ``j ~ U{0..K-1}``.
 
@@ -88,12 +100,8 @@ def oracle(example_loss, seeds_key: jax.Array, num_seeds: int, eps) -> GradientO
   def update(params, batch, rng, acc):
     key_j, key_loss = jax.random.split(rng)
     j = jax.random.randint(key_j, (), 0, num_seeds)
-    z = perturbation(seeds_key, j, params)
-    plus = loss(jax.tree.map(lambda a, b: a + eps * b, params, z), batch, key_loss)
-    minus = loss(jax.tree.map(lambda a, b: a - eps * b, params, z), batch, key_loss)
-    g = (plus - minus) / (2.0 * eps)
-    grads = jax.tree.map(lambda b: (g * b).astype(b.dtype), z)
-    return grads, {"loss": 0.5 * (plus + minus)}, acc.at[j].add(g)
+    grads, value, g = _two_point(loss, params, batch, key_loss, seeds_key, j, eps)
+    return grads, {"loss": value}, acc.at[j].add(g)
 
   return GradientOracle(init=lambda params: jnp.zeros((num_seeds,), jnp.float32), update=update)
 
@@ -122,3 +130,61 @@ def replay_rule(seeds_key: jax.Array) -> optax.GradientTransformationExtraArgs:
     zeros = jax.tree.map(jnp.zeros_like, params)
     return apply_coefficients(zeros, updates, seeds_key), state
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+# FedKSeed-Pro: probability-differentiated seed sampling (the paper's Sec. 3.3, the
+# authors' ``--bias_sampling``). Seed j's history is every scalar drawn with it, from
+# every client, after an initial 0; its amplitude is the mean |clip(g, +-clip)| over the
+# history; p = softmax((amp - min amp) / (max amp - min amp + 1e-10)).
+
+
+class SeedHistory(NamedTuple):
+  """Per seed: the sum of the clipped |g| and the number of g in its history (without
+  the initial 0)."""
+  abs_total: jax.Array    # [K]
+  count: jax.Array        # [K]
+
+
+def seed_log_probabilities(history: SeedHistory) -> jax.Array:
+  """log p [K] of FedKSeed-Pro from a history (uniform when nothing was drawn yet)."""
+  amp = history.abs_total / (history.count + 1.0)           # + 1: the initial 0
+  amp = (amp - jnp.min(amp)) / (jnp.max(amp) - jnp.min(amp) + 1e-10)
+  return jax.nn.log_softmax(amp)
+
+
+def pro_oracle(example_loss, seeds_key: jax.Array, num_seeds: int, eps, clip) -> GradientOracle:
+  """``oracle`` with j ~ Categorical(exp(state['log_p'])); the state also sums, per seed,
+  ``|clip(g)|`` (``'abs'``) and the number of draws (``'count'``). ``init_oracle_state``
+  must put the broadcast ``log_p`` in."""
+  _check(num_seeds, eps)
+  hyperparams.check(clip, lambda v: v > 0, f"clip must be > 0, got {clip}")
+  loss = oracles.batch_loss(example_loss)
+
+  def init(params):
+    del params
+    zeros = jnp.zeros((num_seeds,), jnp.float32)
+    return {"acc": zeros, "abs": zeros, "count": zeros, "log_p": zeros - jnp.log(num_seeds)}
+
+  def update(params, batch, rng, state):
+    key_j, key_loss = jax.random.split(rng)
+    j = jax.random.categorical(key_j, state["log_p"])
+    grads, value, g = _two_point(loss, params, batch, key_loss, seeds_key, j, eps)
+    state = {"acc": state["acc"].at[j].add(g),
+             "abs": state["abs"].at[j].add(jnp.abs(jnp.clip(g, -clip, clip))),
+             "count": state["count"].at[j].add(1.0), "log_p": state["log_p"]}
+    return grads, {"loss": value}, state
+
+  return GradientOracle(init=init, update=update)
+
+
+def history_rule(num_seeds: int) -> optax.GradientTransformationExtraArgs:
+  """Server rule keeping ``SeedHistory``: adds the cohort's summed ``aggregate['abs']`` and
+  ``aggregate['count']``; the pseudo-gradient passes unchanged."""
+  def init(params):
+    del params
+    return SeedHistory(jnp.zeros((num_seeds,), jnp.float32), jnp.zeros((num_seeds,), jnp.float32))
+
+  def update(updates, state, params=None, *, aggregate, **extra):
+    del params, extra
+    return updates, SeedHistory(state.abs_total + aggregate["abs"], state.count + aggregate["count"])
+  return optax.GradientTransformationExtraArgs(init, update)

@@ -6,6 +6,7 @@ per-client styles (``fedjax_lab/data/corpus.py``); the test set is every client'
 held-out texts. Summary: ``initial_test_loss`` (the pre-trained model), ``test_loss``,
 ``uplink_bytes_per_client_round`` next to ``full_finetune_uplink_bytes``.
     python -m launch.train --config=launch/configs/fedkseed_text.py          # FedKSeed
+    python -m launch.train --config=launch/configs/fedkseed_text.py:pro      # FedKSeed-Pro
     python -m launch.train --config=launch/configs/fedkseed_text.py:fedavg   # full fine-tuning
     python -m launch.train --config=launch/configs/fedkseed_text.py:lora     # LoRA rank 4 (FedAvg)
     python -m launch.train --config=launch/configs/fedkseed_text.py:prompt   # prompt tuning
@@ -15,7 +16,7 @@ import ml_collections
 
 from launch.configs import fedavg_digits
 
-VARIANTS = ("fedkseed", "fedavg", "lora", "prompt", "tiny")
+VARIANTS = ("fedkseed", "pro", "fedavg", "lora", "prompt", "tiny")
 
 
 def get_config(variant: str = "fedkseed") -> ml_collections.ConfigDict:
@@ -49,12 +50,15 @@ def get_config(variant: str = "fedkseed") -> ml_collections.ConfigDict:
   config.kseed_num_seeds = 4096
   config.kseed_eps = 5e-4
   config.kseed_seed = 0
+  config.kseed_sampling = "pro" if variant == "pro" else "uniform"   # pro: FedKSeed-Pro
+  config.kseed_clip = 1000.0           # FedKSeed-Pro: |g| clip of the seed histories
   # Rounds and local work.
   config.rounds = 20
   config.clients_per_round = 5
   config.local_epochs = 1
-  config.local_steps = 200 if config.algorithm == "fedkseed" else 10
-  config.batch_size = 4 if config.algorithm == "fedkseed" else 8
+  zeroth_order = config.algorithm == "fedkseed"
+  config.local_steps = 200 if zeroth_order else 10
+  config.batch_size = 4 if zeroth_order else 8
   # Client rates (seed 0, shared 2-core CPU; docs/methods.md): ZO steps need a far smaller one.
   config.client_lr = {"fedavg": 0.01, "lora": 0.2, "prompt": 0.1}.get(variant, 5e-5)
   config.server_lr = 1.0
