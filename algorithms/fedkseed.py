@@ -1,8 +1,8 @@
 """FedKSeed: federated zeroth-order tuning whose perturbations come from K shared seeds.
 
 Qin, Chen, Yao, Ding, Li, Li, Deng. "Federated Full-Parameter Tuning of Billion-Sized
-Language Models with Communication Cost under 18 Kilobytes", ICML 2024 (Algorithm 1,
-eqs. 2-4). Seeds s_1..s_K are shared; z_j = N(0, I) is drawn from s_j.
+Language Models with Communication Cost under 18 Kilobytes", ICML 2024 (Algorithm 1).
+Seeds s_1..s_K are shared; z_j = N(0, I) is drawn from s_j.
 
     client i, step t = 1..tau:  j_t ~ U{1..K}
                                 g_t = (L(w + eps z_j) - L(w - eps z_j)) / (2 eps)
@@ -19,12 +19,12 @@ replays sum_j c_j z_j (``kseed.replay_rule``), then ``server_tx`` (sgd(1): the p
 Defaults of the authors' code (FederatedScope, branch FedKSeed): K = 4096,
 eps = 5e-4, tau = 200 local steps of batch size 1; the rate is the task's.
 
-``sampling='pro'`` (``config.kseed_sampling``) is FedKSeed-Pro (Sec. 3.3, their ``--bias_sampling``): seed j is
-drawn with p_j = softmax(normalised mean |clip(g, +-1000)| of its history), the history
-being every scalar any client drew with seed j after an initial 0. The history's
-per-seed sums (|clip g| and counts, derivable from the pairs: no extra bytes) are
-summed over the cohort by the aggregator and kept by ``kseed.history_rule``; the
-broadcast carries log p.
+``sampling='pro'`` (``config.kseed_sampling``) is FedKSeed-Pro (the authors'
+``--bias_sampling``): seed j is drawn with p_j = softmax(normalised mean |clip(g, +-1000)|
+of its history), the history being every scalar any client drew with seed j after an
+initial 0. The history's per-seed sums (|clip g| and counts, derivable from the pairs:
+no extra bytes) are summed over the cohort by the aggregator and kept by
+``kseed.history_rule``; the broadcast carries log p.
 """
 import jax
 import jax.numpy as jnp
