@@ -18,6 +18,7 @@ from algorithms import fedzo, fzoos
 from algorithms import rffl
 from algorithms import feddyn, fednova, momentum, sharpness
 from algorithms import apfl, ditto, fedbn, fedrep, local_finetune
+from algorithms import fedkseed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ REGISTRY: dict[str, Entry] = {
     "fedrep": Entry(fedrep.from_config, _PERSONAL),
     "fedper": Entry(fedrep.fedper_from_config, _PERSONAL),
     "fedbn": Entry(fedbn.from_config, ("personal_digits", "fedbn"), takes_model=True),
+    "fedkseed": Entry(fedkseed.from_config, ("fedkseed_text", "tiny")),
 }
 
 

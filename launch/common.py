@@ -86,6 +86,9 @@ def build(config) -> Experiment:
   model init, the cohort draws and the client shuffles follow ``config.seed``, so runs
   of different seeds (a study's) share their data.
   """
+  if "finetune" in config:   # a pre-trained transformer LM fine-tuned federatedly
+    from launch import lm
+    return lm.build(config)
   train_data, test_arrays, info = data_lib.load_federated_with_info(
       data=config.data, partition=config.partition, num_clients=config.num_clients,
       alpha=config.get("alpha", 0.5), seed=config.get("data_seed", 0),
@@ -200,6 +203,9 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
   summary.update({k: config[k] for k in ("aggregator", "attack", "malicious_fraction") if k in config})
   summary.update(robust.privacy_report(config, exp.train_data.num_clients, int(state.round)))
   summary.update(sampling_info)
+  if "finetune" in config:
+    from launch import lm
+    summary.update(lm.report(config, exp))
   summary.update(compression_launch.report(exp.algorithm, state))
   if "robust_accuracy" in final:
     # Robust evaluation (config.robust_eval): accuracy under each attack at radius eps.
