@@ -151,7 +151,8 @@ def compass_scheduler(min_steps: int, max_steps: int, prior_s_per_step: float = 
     slowest = jnp.max(jnp.where(known, stats["compass_speed"], 0.0))
     return jnp.maximum(slowest * max_steps, 1e-6)
 
-  def local_steps(clock: ClockState, client, time):
+  def local_steps(clock: ClockState, client, time, key):
+    del key
     stats = clock.stats
     v = stats["compass_speed"][client]
     target = stats["compass_target"]
