@@ -17,7 +17,7 @@ downloaded, when it started and when it finishes (``system.durations``). A serve
 
 A client's update depends only on the model it downloaded, its data and its key, so it
 is computed when the client is dispatched: every client dispatched during one step
-downloads the same model, and their local training is one vmapped call of the engine's
+downloads the same model, and their local training is one mapped call (``backend``) of the engine's
 ``FederatedAlgorithm.client_update`` (FedBuff: ``buffer_size`` clients, a synchronous
 round: the cohort). Slots keep the message until it arrives. The event bookkeeping is
 scalar and ``[M]``/``[N]``-sized array work; no Python runs per event.
