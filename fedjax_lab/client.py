@@ -140,8 +140,9 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
     max_examples: static padded length.
     oracle_state: the oracle's starting state (None: ``oracle.init(params)``), e.g.
       a query history kept in the client's persistent state.
-    step_limit: optional int scalar; steps ``k >= step_limit`` are masked, so a
-      per-round number of local steps (e.g. decaying) keeps static shapes.
+    step_limit: optional int scalar; the steps after the first ``step_limit`` real
+      ones (steps that see an example) are masked, so a per-round number of local
+      steps (e.g. decaying) keeps static shapes.
   """
   shuffle_key, step_key = jax.random.split(rng)
   indices, mask = batch_plan(schedule, size, max_examples, shuffle_key)
@@ -149,7 +150,10 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
   if oracle_state is None:
     oracle_state = oracle.init(params)
   if step_limit is not None:
-    mask = mask & (jnp.arange(mask.shape[0]) < step_limit)[:, None]
+    # Counted over real steps: with several epochs a small client's empty steps sit
+    # between its epochs.
+    real = jnp.any(mask, axis=1).astype(jnp.int32)
+    mask = mask & ((jnp.cumsum(real) - real) < step_limit)[:, None]
   def gather_batch(step_indices, step_mask):
     batch = {name: jnp.take(array, step_indices, axis=0) for name, array in data.items()}
     return {**batch, "mask": step_mask}

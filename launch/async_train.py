@@ -19,7 +19,8 @@ from launch import workdir as workdir_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "async_digits.py")
 
-METHODS = ("fedavg_sync", "fedasync", "fedbuff", "fedfix", "fedcompass", "fedau", "fedau_sync")
+METHODS = ("fedavg_sync", "fedasync", "fedbuff", "fedfix", "fedcompass", "fedau", "fedau_sync",
+           "fedamd", "afa_cd")
 
 
 def build_system(config, train_data, key):
@@ -91,6 +92,15 @@ def build_method(config, base, train_data):
   if name == "fedau_sync":
     alg, spec = methods.fedau(base, m, cutoff=config.fedau_cutoff, sync=True)
     return alg, spec, m
+  if name == "fedamd":
+    alg, spec = methods.fedamd(base, m, config.fedamd_anchor_prob, config.deadline_s or None)
+    return alg, spec, m
+  if name == "afa_cd":
+    steps = clock.client_steps(base, train_data.client_sizes, int(train_data.max_client_size))
+    top = config.afa_max_steps or int(steps.max())
+    alg = dataclasses.replace(base, server_tx=optax.sgd(config.afa_server_lr))
+    alg, spec = methods.afa_cd(alg, m, config.buffer_size, min(config.afa_min_steps, top), top)
+    return alg, spec, config.buffer_size
   raise ValueError(f"Unknown asynchronous algorithm {name!r}; choose one of {', '.join(METHODS)}.")
 
 
@@ -131,13 +141,14 @@ def run(config, workdir=None, progress=True):
   exp = common.build(base_config)
   system = build_system(config, exp.train_data, jax.random.PRNGKey(config.seed + 2))
   alg, spec, per_update = build_method(config, exp.algorithm, exp.train_data)
-  sim = clock.make_async(alg, exp.train_data, system, spec)
+  sim = clock.make_async(alg, exp.train_data, system, spec, backend=config.get("backend", "vmap"))
   updates = config.updates or max(1, config.sync_rounds * config.concurrency // per_update)
   eval_every = config.eval_every or max(1, round(config.concurrency / per_update))
   arrays, offsets = exp.train_data.device_arrays()
   init_state = jax.jit(sim.init)(exp.init_params, jax.random.PRNGKey(config.seed), arrays, offsets)
   opts = training.TrainOptions(
-      rounds=updates, clients_per_round=config.concurrency, backend="vmap", seed=config.seed,
+      rounds=updates, clients_per_round=config.concurrency,
+      backend=config.get("backend", "vmap"), seed=config.seed,
       eval_every=eval_every, checkpoint_every=config.checkpoint_every,
       rounds_per_call=config.rounds_per_call, workdir=workdir, progress=progress)
   evaluate = exp.evaluate or metrics_lib.make_evaluator(exp.model)

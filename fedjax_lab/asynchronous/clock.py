@@ -17,7 +17,7 @@ downloaded, when it started and when it finishes (``system.durations``). A serve
 
 A client's update depends only on the model it downloaded, its data and its key, so it
 is computed when the client is dispatched: every client dispatched during one step
-downloads the same model, and their local training is one vmapped call of the engine's
+downloads the same model, and their local training is one mapped call (``backend``) of the engine's
 ``FederatedAlgorithm.client_update`` (FedBuff: ``buffer_size`` clients, a synchronous
 round: the cohort). Slots keep the message until it arrives. The event bookkeeping is
 scalar and ``[M]``/``[N]``-sized array work; no Python runs per event.
@@ -25,8 +25,14 @@ scalar and ``[M]``/``[N]``-sized array work; no Python runs per event.
 Randomness: the ``n``-th dispatch of a run (``n = 0, 1, ...``, counted over the whole
 run) chooses its client as ``argmax_i u_i`` over the free, available clients with
 ``u = uniform(fold_in(fold_in(rng, 1), n), (N,))``, scales its duration by
-``exp(jitter * normal(fold_in(fold_in(rng, 2), n)))`` and trains with the key
-``fold_in(fold_in(rng, 3), n)``; ``rng`` is the run's ``ServerState.rng``.
+``exp(jitter * normal(fold_in(fold_in(rng, 2), n)))``, trains with the key
+``fold_in(fold_in(rng, 3), n)`` and hands ``fold_in(fold_in(rng, 4), n)`` to a method's
+``local_steps`` (AFA-CD's clients draw their steps with it); ``rng`` is the run's
+``ServerState.rng``.
+
+The dispatched clients are mapped by a ``parallel.Backend`` (``loop``, ``vmap``,
+``sharded``), the one the synchronous round uses; their messages come back stacked
+(the backend's ``collectives.gather``), so the numbers do not depend on it.
 
 The clock state is ``ServerState.extra['clock']`` (``ClockState``), so checkpoints and
 resumption carry it; ``ServerState.round`` counts server steps.
@@ -39,11 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import algorithm as algorithm_lib
+from fedjax_lab import parallel
 from fedjax_lab.algorithm import FederatedAlgorithm, ServerState
 from fedjax_lab.asynchronous import staleness as staleness_lib
 from fedjax_lab.asynchronous import system as system_lib
 from fedjax_lab.data.federated import FederatedData, gather_cohort
+from fedjax_lab.transforms import Aggregator, as_collectives
 
 DISPATCH = ("on_arrival", "on_update")
 TRIGGERS = ("count", "all", "window")
@@ -70,11 +77,14 @@ class AsyncSpec:
       (FedAsync's mixing ``x <- (1 - a) x + a x_client`` with server SGD(a)).
     reweight: None, or ``(clock, arrivals) -> (factor [P], stats)``: a further factor
       on each arrival's delta, and the new ``clock.stats`` (FedAU).
-    local_steps: None (the schedule's steps), or ``(clock, client, time) -> steps``:
-      steps assigned at dispatch (FedCompass); masked with the engine's ``step_limit``.
+    local_steps: None (the schedule's steps), or ``(clock, client, time, key) -> steps``:
+      steps assigned at dispatch (FedCompass; AFA-CD's clients' own draw from ``key``);
+      masked with the engine's ``step_limit``.
     on_step: None, or ``(clock, arrivals) -> clock`` run after each step (a scheduler's
       bookkeeping; ``arrivals`` is the step's ``Arrivals``).
     init_stats: None, or ``num_clients -> dict``: the initial ``clock.stats``.
+    on_init: None, or ``(state, arrays, offsets, max_examples) -> state`` run by ``init``
+      before the first dispatch (FedAMD's anchors of every client at ``x_0``).
     hist_bins: staleness histogram bins ``0 .. hist_bins - 2`` and ``>= hist_bins - 1``.
   """
   concurrency: int
@@ -89,6 +99,7 @@ class AsyncSpec:
   local_steps: Optional[Callable] = None
   on_step: Optional[Callable] = None
   init_stats: Optional[Callable] = None
+  on_init: Optional[Callable] = None
   hist_bins: int = 32
 
   def __post_init__(self):
@@ -179,6 +190,12 @@ def _select(flag, new, old):
   return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
+# The clock keeps each client's message until it arrives: the mapper hands them back
+# stacked (gathered over the placements) instead of reduced.
+_STACK = Aggregator(init=lambda: (), update=lambda messages, weights, state, collectives: (
+    as_collectives(collectives).gather((messages, weights)), state))
+
+
 def _first_arrival(finish, client, big):
   """Index of the slot that finishes first, the lower client id on ties."""
   key = jnp.where(finish == jnp.min(finish), client, big)
@@ -196,8 +213,13 @@ class AsyncRun(NamedTuple):
 
 
 def make_async(algorithm: FederatedAlgorithm, data: FederatedData,
-               system: system_lib.SystemModel, spec: AsyncSpec) -> AsyncRun:
+               system: system_lib.SystemModel, spec: AsyncSpec,
+               backend: parallel.BackendLike = "vmap", mesh=None,
+               chunk_size: Optional[int] = None) -> AsyncRun:
   """The simulation of ``algorithm`` under ``system`` and ``spec``.
+
+  ``backend`` (a ``parallel.Backend`` or its name; ``mesh`` with ``'sharded'``) maps the
+  clients dispatched in a step, ``chunk_size`` at a time, as ``make_round`` does.
 
   The step has the signature of ``algorithm.make_round``'s round (``(state, arrays,
   offsets) -> (state, metrics)``), so ``training.run_loop`` runs it (pass
@@ -222,6 +244,7 @@ def make_async(algorithm: FederatedAlgorithm, data: FederatedData,
   P, D = spec.pops, spec.dispatches
   big = jnp.int32(np.iinfo(np.int32).max)
   method = algorithm
+  backend = parallel.get_backend(backend, mesh)
   if spec.local_steps is not None:
     # Per-client step counts travel in the broadcast; the engine masks the later steps.
     method = dataclasses.replace(algorithm, step_limit=lambda down: down["async_local_steps"])
@@ -236,27 +259,40 @@ def make_async(algorithm: FederatedAlgorithm, data: FederatedData,
     if spec.local_steps is None:
       steps = steps_table[client]
     else:
-      steps = jnp.minimum(spec.local_steps(clock, client, start), steps_table[client])
+      steps_key = jax.random.fold_in(jax.random.fold_in(rng, 4), counter)
+      steps = jnp.minimum(spec.local_steps(clock, client, start, steps_key), steps_table[client])
     jitter_key = jax.random.fold_in(jax.random.fold_in(rng, 2), counter)
     finish = start + system_lib.durations(system, client, steps, jitter_key)
     in_flight = in_flight.at[client].set(in_flight[client] | ok)
     return (jnp.where(ok, client, -1), start, jnp.where(ok, finish, jnp.inf),
             jnp.where(ok, steps, 0), ok, in_flight, counter + ok.astype(jnp.int32))
 
+  def client_fn(down, one_client):
+    row, data_, size, key, s = one_client
+    d = down if spec.local_steps is None else {**down, "async_local_steps": s}
+    return method.client_update(d, (row, data_, size, key), max_examples)
+
+  mapper = backend.make_mapper(client_fn, _STACK, chunk_size)
+
   def train(state: ServerState, arrays, offsets, clients, counters, steps, valid):
-    """Messages of the dispatched clients from the current model, one vmapped call."""
+    """Messages of the dispatched clients from the current model, one mapped call."""
+    count = clients.shape[0]
+    pad = backend.padded_cohort_size(count) - count
     ids = jnp.where(valid, clients, num_clients)
+    if pad:   # zero-weight padding clients up to a multiple of the devices
+      ids = jnp.concatenate([ids, jnp.full((pad,), num_clients, jnp.int32)])
+      counters = jnp.concatenate([counters, jnp.zeros((pad,), counters.dtype)])
+      steps = jnp.concatenate([steps, jnp.zeros((pad,), steps.dtype)])
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
     rows = jax.tree.map(lambda x: jnp.take(x, ids, axis=0, mode="fill", fill_value=0),
                         state.client_states)
     keys = jax.vmap(lambda n: jax.random.fold_in(jax.random.fold_in(state.rng, 3), n))(counters)
     down = method.broadcast(state)
-
-    def one(row, data_, size, key, s):
-      d = down if spec.local_steps is None else {**down, "async_local_steps": s}
-      return method.client_update(d, (row, data_, size, key), max_examples)
-
-    messages, weights, outputs = jax.vmap(one)(rows, cohort, sizes, keys, steps)
+    (messages, weights), outputs, _ = mapper(down, (rows, cohort, sizes, keys, steps), (),
+                                             client_ids=ids)
+    if pad:
+      ids = ids[:count]
+      messages, weights, outputs = jax.tree.map(lambda x: x[:count], (messages, weights, outputs))
     if spec.mix == "current":   # keep the client's model; the delta is taken on arrival
       messages = {**messages, "delta": jax.tree.map(
           lambda d, p: d + p[None], messages["delta"], down["params"])}
@@ -282,6 +318,8 @@ def make_async(algorithm: FederatedAlgorithm, data: FederatedData,
 
   def init(params, rng, arrays, offsets) -> ServerState:
     state = algorithm.init(params, rng, num_clients)
+    if spec.on_init is not None:
+      state = spec.on_init(state, arrays, offsets, max_examples)
     message_shape = jax.eval_shape(
         lambda s: train(s, arrays, offsets, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
                         jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool))[0], state)
@@ -289,7 +327,7 @@ def make_async(algorithm: FederatedAlgorithm, data: FederatedData,
         time=jnp.zeros((), jnp.float32), version=jnp.zeros((), jnp.int32),
         dispatched=jnp.zeros((), jnp.int32),
         slot_client=jnp.full((M,), -1, jnp.int32), slot_version=jnp.zeros((M,), jnp.int32),
-        slot_start=jnp.zeros((M,), jnp.float32), slot_finish=jnp.full((M,), jnp.inf),
+        slot_start=jnp.zeros((M,), jnp.float32), slot_finish=jnp.full((M,), jnp.inf, jnp.float32),
         slot_steps=jnp.zeros((M,), jnp.int32),
         slot_message=jax.tree.map(lambda s: jnp.zeros((M,) + s.shape[1:], s.dtype),
                                   message_shape),

@@ -26,12 +26,24 @@ server_tx are used unchanged -- and says how the clock runs it (``clock.AsyncSpe
   Statistics in Federated Averaging" (ICLR 2024), Algorithm 1: each client's weight
   ``omega_n`` is the online mean of its participation intervals, cut off at ``K``;
   ``x <- x + (eta / N) sum_{n in S} omega_n Delta_n``.
+* ``fedamd``: Wu et al., "Anchor Sampling for Federated Learning with Partial Client
+  Participation" (ICML 2023), Algorithm 1, on synchronous rounds: each sampled client
+  is an anchor (a full-batch gradient for the anchors' mean ``v``) with probability
+  ``p``, else a miner (local steps along SARAH's estimate started from ``v``);
+  ``x <- x + eta_g mean_{miners} Delta_i`` (``anchor.py``).
+* ``afa_cd``: Yang, Zhang, Khanduri, Liu, "Anarchic Federated Learning" (ICML 2022),
+  Algorithm 1 (AFA-CD): clients choose their own local steps ``K_i`` (and, through
+  the system model's availability, when they take part); the server takes the next
+  ``m`` (possibly stale) updates ``G_i = (1/K_i) sum_k g_k = -Delta_i / (eta_L K_i)``
+  and steps ``x <- x - eta eta_L (1/m) sum G_i = x + eta (1/m) sum Delta_i / K_i``.
 """
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from fedjax_lab.algorithm import FederatedAlgorithm
+from fedjax_lab.asynchronous import anchor as anchor_lib
 from fedjax_lab.asynchronous import staleness as staleness_lib
 from fedjax_lab.asynchronous.clock import AsyncSpec, Arrivals, ClockState
 
@@ -151,7 +163,8 @@ def compass_scheduler(min_steps: int, max_steps: int, prior_s_per_step: float = 
     slowest = jnp.max(jnp.where(known, stats["compass_speed"], 0.0))
     return jnp.maximum(slowest * max_steps, 1e-6)
 
-  def local_steps(clock: ClockState, client, time):
+  def local_steps(clock: ClockState, client, time, key):
+    del key
     stats = clock.stats
     v = stats["compass_speed"][client]
     target = stats["compass_target"]
@@ -183,3 +196,57 @@ def fedcompass(algorithm: FederatedAlgorithm, concurrency: int, buffer_size: int
   return algorithm, AsyncSpec(concurrency, dispatch="on_arrival", trigger="count",
                               buffer_size=buffer_size, staleness=staleness,
                               local_steps=local_steps, on_step=on_step, init_stats=init_stats)
+
+
+# FedAMD: anchor and miner groups on synchronous rounds.
+
+def fedamd(algorithm: FederatedAlgorithm, concurrency: int, anchor_prob=0.2,
+           deadline_s: Optional[float] = None):
+  """FedAMD (``anchor.fedamd``) on synchronous rounds of ``concurrency`` clients.
+
+  Every client's anchor is its full-batch gradient at ``x_0`` (``anchor.initial_anchors``).
+  The paper's default ``p`` is 0.2 (the authors' ``--pr``). A job lasts the schedule's
+  steps whichever group the client is in (an anchor's full-batch gradient costs about
+  one epoch of steps).
+  """
+  alg = anchor_lib.fedamd(algorithm, anchor_prob)
+  spec = AsyncSpec(concurrency, dispatch="on_update", trigger="all", deadline_s=deadline_s,
+                   on_init=lambda state, arrays, offsets, n: anchor_lib.initial_anchors(
+                       state, arrays, offsets, n, alg))
+  return alg, spec
+
+
+# AFA-CD: clients choose their local steps; updates normalised by them.
+
+def anarchic_steps(min_steps: int, max_steps: int):
+  """``local_steps`` of clients that each draw ``K ~ uniform{min_steps..max_steps}`` per job."""
+  if not 1 <= min_steps <= max_steps:
+    raise ValueError(f"AFA-CD needs 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}.")
+
+  def local_steps(clock: ClockState, client, time, key):
+    del clock, client, time
+    return jax.random.randint(key, (), min_steps, max_steps + 1).astype(jnp.int32)
+
+  return local_steps
+
+
+def normalise_by_steps(clock: ClockState, arrivals: Arrivals):
+  """AFA-CD's ``Delta_i / K_i`` (``arrivals.steps``: the steps the job ran)."""
+  factor = 1.0 / jnp.maximum(arrivals.steps, 1).astype(jnp.float32)
+  return factor, clock.stats
+
+
+def afa_cd(algorithm: FederatedAlgorithm, concurrency: int, buffer_size: int = 10,
+           min_steps: int = 1, max_steps: int = 10, staleness: staleness_lib.Staleness = None):
+  """AFA-CD: ``m = buffer_size`` arrivals per update, each ``Delta_i / K_i``.
+
+  ``algorithm.server_tx`` is SGD(eta) (the paper's server rate; its two-sided rate is
+  ``eta * eta_L`` on ``G``, i.e. ``eta`` on ``Delta / K``) and ``weighting='uniform'``
+  gives the paper's ``1/m``. The paper discounts no staleness (``constant``; it
+  assumes bounded delays). Steps are also capped by the schedule's steps of each client.
+  """
+  staleness = staleness_lib.constant() if staleness is None else staleness
+  return algorithm, AsyncSpec(concurrency, dispatch="on_arrival", trigger="count",
+                              buffer_size=buffer_size, staleness=staleness,
+                              reweight=normalise_by_steps,
+                              local_steps=anarchic_steps(min_steps, max_steps))

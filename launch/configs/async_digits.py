@@ -3,7 +3,8 @@
 100 clients (Dirichlet 0.5), 20 in flight, lognormal compute times (sigma 1).
     python -m launch.async_train --config=launch/configs/async_digits.py
     python -m launch.async_train --config=launch/configs/async_digits.py --config.algorithm=fedavg_sync
-algorithm: fedavg_sync | fedasync | fedbuff | fedfix | fedcompass | fedau | fedau_sync.
+algorithm: fedavg_sync | fedasync | fedbuff | fedfix | fedcompass | fedau | fedau_sync |
+fedamd | afa_cd.
 base_algorithm is the engine method whose client update, aggregator and server step
 run under the clock (fedavg, fedprox, fedadam, ...; robustness keys of shared.py apply).
 """
@@ -38,6 +39,12 @@ def get_config():
   config.compass_min_steps = 2
   config.compass_max_steps = 0       # 0: the schedule's steps of the largest client
   config.fedau_cutoff = 50
+  # FedAMD (synchronous rounds): probability of a sampled client being an anchor.
+  config.fedamd_anchor_prob = 0.2    # the authors' default --pr
+  # AFA-CD: each job's local steps K ~ uniform{afa_min_steps..afa_max_steps}, update Delta/K.
+  config.afa_min_steps = 1
+  config.afa_max_steps = 0           # 0: the schedule's steps of the largest client
+  config.afa_server_lr = 1.0         # eta on the mean of Delta_i / K_i
   # The system model.
   config.compute = "lognormal"       # constant | lognormal | pareto
   config.compute_scale = 0.1         # seconds per local step (median)
