@@ -72,25 +72,31 @@ def main(argv):
   if not wrt:
     raise app.UsageError("--wrt names at least one config key (e.g. client_lr,server_lr).")
   start = time.perf_counter()
+  from launch import workdir as workdir_lib
   try:
-    at = hypergradient(config, wrt, f.truncate, f.remat)
-    values = {k: float(config[k]) for k in wrt}
-    test_loss, grad = at(values)
-    out = {"test_loss": test_loss, "grad": grad, "values": values, "rounds": config.rounds,
-           "truncate": f.truncate}
-    if f.tune_steps:
-      path = tune(at, values, f.tune_steps, f.tune_lr)
-      best = min(path, key=lambda p: p["test_loss"])
-      out.update(tune_path=path, tuned=best["values"], tuned_test_loss=best["test_loss"])
-  except ValueError as e:
+    with workdir_lib.locked(f.workdir):   # one writer of WORKDIR/hypergradient.json
+      out = _run(config, wrt, f)
+      out["wall_s"] = round(time.perf_counter() - start, 3)
+      if f.workdir:
+        with open(os.path.join(f.workdir, "hypergradient.json"), "w") as fh:
+          json.dump(out, fh, indent=1)
+  except ValueError as e:   # WorkdirError included: a second run on a held workdir
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  out["wall_s"] = round(time.perf_counter() - start, 3)
-  if f.workdir:
-    os.makedirs(f.workdir, exist_ok=True)
-    with open(os.path.join(f.workdir, "hypergradient.json"), "w") as fh:
-      json.dump(out, fh, indent=1)
   print(json.dumps(out))
+
+
+def _run(config, wrt, f) -> dict:
+  at = hypergradient(config, wrt, f.truncate, f.remat)
+  values = {k: float(config[k]) for k in wrt}
+  test_loss, grad = at(values)
+  out = {"test_loss": test_loss, "grad": grad, "values": values, "rounds": config.rounds,
+         "truncate": f.truncate}
+  if f.tune_steps:
+    path = tune(at, values, f.tune_steps, f.tune_lr)
+    best = min(path, key=lambda p: p["test_loss"])
+    out.update(tune_path=path, tuned=best["values"], tuned_test_loss=best["test_loss"])
+  return out
 
 
 def _define_flags():

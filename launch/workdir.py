@@ -186,6 +186,21 @@ def check_resume(workdir: str, config, resume: str = "auto") -> Optional[int]:
 
 
 @contextlib.contextmanager
+def locked(workdir: Optional[str]) -> Iterator[None]:
+  """Holds ``workdir``'s lock (one writer) for a script without checkpoints to resume;
+  no-op without a workdir."""
+  if not workdir:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  lock = acquire_lock(workdir)
+  try:
+    yield
+  finally:
+    release_lock(lock)
+
+
+@contextlib.contextmanager
 def open_run(workdir: Optional[str], config, resume: Optional[str] = None) -> Iterator[None]:
   """Holds ``workdir`` for one run: lock, fingerprint and resume checks, then
   ``config.json`` and ``fingerprint.json``; the lock is released on exit. No-op
@@ -193,9 +208,7 @@ def open_run(workdir: Optional[str], config, resume: Optional[str] = None) -> It
   if not workdir:
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
-  lock = acquire_lock(workdir)
-  try:
+  with locked(workdir):
     if resume is None:
       resume = RESUME.value if flags.FLAGS.is_parsed() else "auto"
     check_resume(workdir, config, resume)
@@ -205,8 +218,6 @@ def open_run(workdir: Optional[str], config, resume: Optional[str] = None) -> It
     with open(os.path.join(workdir, FINGERPRINT), "w") as f:
       json.dump(fingerprint(config), f, indent=1)
     yield
-  finally:
-    release_lock(lock)
 
 
 def _config_keys(config) -> list[str]:

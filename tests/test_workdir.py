@@ -69,15 +69,19 @@ def test_fingerprint_ignores_only_the_resume_safe_keys():
       "seed: 0 -> 2"]
 
 
-def test_a_second_process_on_a_held_workdir_fails_naming_the_owner(tmp_path):
+@pytest.mark.parametrize("script,args,output", [
+    ("launch.train", ["--progress=false"], "metrics.jsonl"),
+    ("launch.hypergradient", ["--wrt=client_lr"], "hypergradient.json")])
+def test_a_second_process_on_a_held_workdir_fails_naming_the_owner(tmp_path, script, args,
+                                                                   output):
   lock = workdir_lib.acquire_lock(str(tmp_path))      # this test process is the owner
   try:
     result = subprocess.run(
-        [sys.executable, "-m", "launch.train", f"--workdir={tmp_path}", "--progress=false",
-         "--config.rounds=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", script, f"--workdir={tmp_path}", "--config.rounds=1", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert f"in use by pid {os.getpid()}" in result.stderr and "Traceback" not in result.stderr
-    assert not os.path.exists(tmp_path / "metrics.jsonl")
+    assert not os.path.exists(tmp_path / output)
   finally:
     workdir_lib.release_lock(lock)
   assert not os.path.exists(lock)
