@@ -356,6 +356,16 @@ def test_eps_warmup_scales_the_radius_by_the_closed_form_each_round():
     algorithms.build("fal", config, logistic_example_loss)
 
 
+
+def test_fal_mnist_config_ramps_the_radius_over_its_first_ten_rounds():
+  from launch.configs import fal_mnist
+  config = fal_mnist.get_config()
+  method = algorithms.build("fal", config, logistic_example_loss)
+  scales = [float(method.init_oracle_state({"round": jnp.int32(t)}, None)) for t in range(12)]
+  np.testing.assert_allclose(scales, [min(1.0, (t + 1) / 10) for t in range(12)], rtol=1e-6)
+  config.adversarial_training.eps_warmup_rounds = 0     # the paper's constant radius
+  assert algorithms.build("fal", config, logistic_example_loss).init_oracle_state is None
+
 def test_fal_vmap_and_sharded_backends_agree():
   assert jax.device_count() == 8, "conftest.py forces 8 CPU devices"
   data, model, params = classification_problem(sizes=(5, 3, 7, 2, 6, 4, 1, 5, 3, 2), seed=5)
