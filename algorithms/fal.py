@@ -31,11 +31,13 @@ import dataclasses
 from typing import Callable, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from algorithms.fedavg import fedavg
 from fedjax_lab import attacks, hyperparams, oracles
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
+from fedjax_lab.transforms import GradientOracle
 
 
 def adversarial_training(method: FederatedAlgorithm, example_loss, attack,
@@ -62,6 +64,41 @@ def fat(example_loss, attack, client_lr: float, mix_ratio: float = 0.5, server_l
   """FAT: FedAvg with the clean/adversarial mix ``(1 - r) l(x) + r l(x')``."""
   return adversarial_training(fedavg(example_loss, client_lr, server_lr, schedule, weighting),
                               example_loss, attack, mix_ratio, "fat")
+
+
+def warmup_scale(warmup_rounds: int) -> Callable:
+  """``round -> float32 min(1, (t + 1) / W)``, the radius factor of round t (W = 0: 1)."""
+  if not isinstance(warmup_rounds, (int, np.integer)) or warmup_rounds < 0:
+    raise ValueError(f"eps_warmup_rounds must be an int >= 0 (0: constant radius), "
+                     f"got {warmup_rounds!r}.")
+  w = max(int(warmup_rounds), 1)
+  return lambda t: jnp.minimum(1.0, (jnp.asarray(t, jnp.float32) + 1.0) / w)
+
+
+def with_eps_warmup(method: FederatedAlgorithm, example_loss, attack: attacks.PGD,
+                    mix_ratio: float, warmup_rounds: int) -> FederatedAlgorithm:
+  """``method`` whose clients attack with radius and step ``warmup_scale(W)(t)`` times
+  ``attack``'s in round t (the round is broadcast; the factor is the oracle's state)."""
+  scale_at = warmup_scale(warmup_rounds)
+  if method.init_oracle_state is not None:
+    raise ValueError(f"The eps warm-up replaces the oracle state; {method.name} already has "
+                     "one (init_oracle_state).")
+
+  def update(params, batch, rng, scale):
+    scaled = dataclasses.replace(attack, eps=attack.eps * scale,
+                                 step_size=attack.step_size * scale)
+    grads, aux, _ = oracles.adversarial(example_loss, scaled, mix_ratio).update(
+        params, batch, rng, ())
+    return grads, aux, scale
+
+  base_broadcast = method.broadcast
+
+  def broadcast(state):
+    return {**base_broadcast(state), "round": state.round}
+
+  return dataclasses.replace(
+      method, oracle=GradientOracle(init=lambda params: jnp.ones((), jnp.float32), update=update),
+      broadcast=broadcast, init_oracle_state=lambda down, client_state: scale_at(down["round"]))
 
 
 def decaying_steps(initial_steps: int, decay, min_steps: int = 1) -> Callable:
@@ -136,20 +173,31 @@ def _base_method(config, example_loss) -> FederatedAlgorithm:
   return algorithms.build(base, config, example_loss)
 
 
+def _adversarial_from_config(config, method, example_loss, mix_ratio, name):
+  """``adversarial_training(...)`` with the config's attack, warmed up over
+  ``adversarial_training.eps_warmup_rounds`` rounds when that is > 0."""
+  attack = attack_from_config(config)
+  method = adversarial_training(method, example_loss, attack, mix_ratio, name)
+  warmup = config.adversarial_training.get("eps_warmup_rounds", 0)
+  if warmup:
+    method = with_eps_warmup(method, example_loss, attack, mix_ratio, warmup)
+  return method
+
+
 def fal_from_config(config, example_loss) -> FederatedAlgorithm:
   """FAL on ``config.adversarial_base`` (default FedAvg), all examples adversarial.
 
   Clients are averaged by ``config.fal_weighting`` (default 'uniform', the paper's 1/N;
   'num_examples' is the option), which replaces the base method's ``weighting``.
   """
-  method = adversarial_training(_base_method(config, example_loss), example_loss,
-                                attack_from_config(config), 1.0, "fal")
+  method = _adversarial_from_config(config, _base_method(config, example_loss), example_loss,
+                                    1.0, "fal")
   return dataclasses.replace(method, weighting=config.get("fal_weighting", "uniform"))
 
 
 def fat_from_config(config, example_loss) -> FederatedAlgorithm:
-  return adversarial_training(_base_method(config, example_loss), example_loss,
-                              attack_from_config(config), config.get("mix_ratio", 0.5), "fat")
+  return _adversarial_from_config(config, _base_method(config, example_loss), example_loss,
+                                  config.get("mix_ratio", 0.5), "fat")
 
 
 def feddynat_from_config(config, example_loss) -> FederatedAlgorithm:
@@ -160,8 +208,8 @@ def feddynat_from_config(config, example_loss) -> FederatedAlgorithm:
   """
   cfg = config.get("feddynat") or {}
   initial = cfg.get("initial_steps") or config.get("local_steps") or 50
-  method = adversarial_training(_base_method(config, example_loss), example_loss,
-                                attack_from_config(config), cfg.get("mix_ratio", 1.0))
+  method = _adversarial_from_config(config, _base_method(config, example_loss), example_loss,
+                                    cfg.get("mix_ratio", 1.0), None)
   return with_decaying_steps(method, initial, cfg.get("decay", 0.95), cfg.get("min_steps", 1),
                              "feddynat")
 

@@ -316,6 +316,56 @@ def test_fal_round_averages_clients_uniformly_by_default(weighting):
   assert gap > 1e-4                                    # the two weightings differ here
 
 
+
+def test_eps_warmup_scales_the_radius_by_the_closed_form_each_round():
+  """3 FAL rounds with eps_warmup_rounds=2 against numpy: in round t every client attacks
+  with eps_t = rho min(1, (t + 1) / 2) (closed-form l_inf attack x - eps_t y sign(w))."""
+  sizes, rho, lr, warmup = (4, 3, 5), 0.2, 0.5, 2
+  rng = np.random.default_rng(3)
+  n = sum(sizes)
+  x = rng.uniform(0.3, 0.7, size=(n, 4)).astype(np.float32)
+  y = rng.choice([-1.0, 1.0], size=n).astype(np.float32)
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  data = FederatedData({"x": x, "y": y}, offsets)
+  params = {"w": jnp.asarray([0.5, -0.7, 0.3, 0.9], jnp.float32), "b": jnp.float32(0.1)}
+  config = small_config(batch_size=-1, local_epochs=1, client_lr=lr)
+  config.adversarial_training.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
+                                          clip_min=None, clip_max=None,
+                                          eps_warmup_rounds=warmup))
+  method = algorithms.build("fal", config, logistic_example_loss)
+  state, _ = run_rounds(method, data, params, 3)
+
+  def numpy_rounds(eps_at):
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    for t in range(3):
+      deltas = []
+      for c in range(len(sizes)):
+        xc, yc = x[offsets[c]:offsets[c + 1]], y[offsets[c]:offsets[c + 1]]
+        x_adv = xc - eps_at(t) * yc[:, None] * np.sign(p["w"])
+        g = numpy_logistic_grad(p, x_adv, yc, np.ones(len(yc)))
+        deltas.append({k: -lr * g[k] for k in p})
+      p = {k: p[k] + np.mean([d[k] for d in deltas], axis=0) for k in p}   # uniform w_c
+    return p
+
+  expected = numpy_rounds(lambda t: rho * min(1.0, (t + 1) / warmup))
+  tree_close(state.params, expected, atol=1e-5)
+  constant = numpy_rounds(lambda t: rho)            # the warm-up changes the run
+  assert abs(constant["b"] - expected["b"]) > 1e-4
+  config.adversarial_training.eps_warmup_rounds = -1
+  with pytest.raises(ValueError, match="eps_warmup_rounds must be an int >= 0"):
+    algorithms.build("fal", config, logistic_example_loss)
+
+
+
+def test_fal_mnist_config_ramps_the_radius_over_its_first_ten_rounds():
+  from launch.configs import fal_mnist
+  config = fal_mnist.get_config()
+  method = algorithms.build("fal", config, logistic_example_loss)
+  scales = [float(method.init_oracle_state({"round": jnp.int32(t)}, None)) for t in range(12)]
+  np.testing.assert_allclose(scales, [min(1.0, (t + 1) / 10) for t in range(12)], rtol=1e-6)
+  config.adversarial_training.eps_warmup_rounds = 0     # the paper's constant radius
+  assert algorithms.build("fal", config, logistic_example_loss).init_oracle_state is None
+
 def test_fal_vmap_and_sharded_backends_agree():
   assert jax.device_count() == 8, "conftest.py forces 8 CPU devices"
   data, model, params = classification_problem(sizes=(5, 3, 7, 2, 6, 4, 1, 5, 3, 2), seed=5)

@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Adversarial training: the attack every local step runs on the current local model.
   config.adversarial_training = ml_collections.ConfigDict(dict(
       norm="linf", eps=EPS, step_size=EPS / 4, steps=10, rand_init=True,
-      clip_min=0.0, clip_max=1.0))
+      clip_min=0.0, clip_max=1.0,
+      eps_warmup_rounds=0))           # > 0: eps (and step) ramp to full over that many rounds
   config.adversarial_base = "fedavg"  # the method FAL/FAT/FedDynAT wrap (fedprox, fedadam, ...)
   config.mix_ratio = 0.5              # FAT only: loss (1 - r) clean + r adversarial
   config.feddynat = ml_collections.ConfigDict(dict(
