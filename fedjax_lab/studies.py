@@ -3,7 +3,8 @@
 A run is a pure function of its hyper-parameters and seed (``hyperparams.py``: every
 continuous hyper-parameter may be a traced array), so a study of R runs is
 
-    vmap(run)(hparams [R], seeds [R])      # lax.map over groups of runs when R is large
+    vmap(run)(hparams [R], seeds [R])      # lax.map over groups of runs when R is large;
+                                           # shard_map over devices with a "runs" mesh
 
 with the data shared by all runs. ``build(hparams, seed) -> (method, init_params)``
 makes one run's method and model from traced scalars; the study initialises the state
