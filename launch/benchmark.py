@@ -47,6 +47,9 @@ _STUDY_ROUNDS = flags.DEFINE_integer("study_rounds", 20, "Rounds of each study r
 _STUDY_REPEATS = flags.DEFINE_list(
     "study_repeats", ["3"], "Timed repetitions of each study cell (median, min, max); "
     "one number for every count, or COUNT:REPEATS items (e.g. 16:3,64:1).")
+_STUDY_SYSTEMS = flags.DEFINE_multi_enum(
+    "study_systems", list(("vmapped", "sequential", "processes")),
+    ["vmapped", "sequential", "processes"], "The study cells to time.")
 _PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
                            "workload, each in its own venv (see launch/peers).")
 _ASYNC = flags.DEFINE_bool("async_clock", False, "Also time a step of the asynchronous clock "
@@ -271,13 +274,17 @@ def spread(times):
           "all": list(times)}
 
 
-def study_rows(counts, rounds, repeats=3, counts_repeats=None):
+STUDY_SYSTEMS = ("vmapped", "sequential", "processes")
+
+
+def study_rows(counts, rounds, repeats=3, counts_repeats=None, systems=STUDY_SYSTEMS):
   """Wall time of N runs (4 client rates x N/4 seeds): vmapped, sequential, processes.
 
   Each repetition times the three systems one after another (interleaved, so a change
   of the machine's load hits all three); a cell is the median of its repetitions, with
   min and max, and a ratio's spread is that of the per-repetition ratios.
-  ``counts_repeats`` ({count: repeats}) overrides ``repeats`` for one count.
+  ``counts_repeats`` ({count: repeats}) overrides ``repeats`` for one count; ``systems``
+  (a subset of ``STUDY_SYSTEMS``) chooses the cells timed.
   """
   import subprocess
   import sys
@@ -289,32 +296,39 @@ def study_rows(counts, rounds, repeats=3, counts_repeats=None):
   for count in counts:
     sweeps = {"client_lr": [0.03, 0.05, 0.1, 0.2], "seed": list(range(max(count // 4, 1)))}
     runs = sweep.grid(sweeps)
-    times = {"vmapped": [], "sequential": [], "processes": []}
+    times = {system: [] for system in systems}
     compiles = []
-    for _ in range((counts_repeats or {}).get(count, repeats)):
-      before = sweep.compile_counts()
-      start = time.perf_counter()
-      sweep.run_study(config, sweeps)
-      times["vmapped"].append(time.perf_counter() - start)
-      compiles.append(sweep.rounds_compiles(before, sweep.compile_counts()))
-      start = time.perf_counter()
-      sweep.run_sequential(config, sweeps)
-      times["sequential"].append(time.perf_counter() - start)
-      start = time.perf_counter()
-      for run in runs:
-        subprocess.run([sys.executable, "-m", "launch.train", "--noprogress",
-                        f"--config.rounds={rounds}", f"--config.eval_every={rounds}",
-                        f"--config.client_lr={run['client_lr']}",
-                        f"--config.seed={run['seed']}"],
-                       check=True, capture_output=True)
-      times["processes"].append(time.perf_counter() - start)
+    for repeat in range((counts_repeats or {}).get(count, repeats)):
+      if "vmapped" in systems:
+        before = sweep.compile_counts()
+        start = time.perf_counter()
+        sweep.run_study(config, sweeps)
+        times["vmapped"].append(time.perf_counter() - start)
+        compiles.append(sweep.rounds_compiles(before, sweep.compile_counts()))
+      if "sequential" in systems:
+        start = time.perf_counter()
+        sweep.run_sequential(config, sweeps)
+        times["sequential"].append(time.perf_counter() - start)
+      if "processes" in systems:
+        start = time.perf_counter()
+        for run in runs:
+          subprocess.run([sys.executable, "-m", "launch.train", "--noprogress",
+                          f"--config.rounds={rounds}", f"--config.eval_every={rounds}",
+                          f"--config.client_lr={run['client_lr']}",
+                          f"--config.seed={run['seed']}"],
+                         check=True, capture_output=True)
+        times["processes"].append(time.perf_counter() - start)
+      print(json.dumps({"study": len(runs), "repeat": repeat,
+                        **{k: v[-1] for k, v in times.items()}}), flush=True)
     row = {"workload": f"study{len(runs)}", "runs": len(runs), "rounds": rounds,
-           "repeats": len(times["vmapped"]), "vmapped_compiles": compiles}
+           "repeats": max(len(v) for v in times.values()), "vmapped_compiles": compiles}
     for system, values in times.items():
       cell = spread(values)
       row[f"{system}_s"] = cell["median"]
       row.update({f"{system}_s_{k}": v for k, v in cell.items() if k != "median"})
     for system in ("sequential", "processes"):
+      if system not in times or "vmapped" not in times:
+        continue
       ratios = [a / b for a, b in zip(times[system], times["vmapped"])]
       row[f"{system}_over_vmapped"] = row[f"{system}_s"] / row["vmapped_s"]
       row[f"{system}_over_vmapped_min"] = min(ratios)
@@ -518,7 +532,8 @@ def main(argv):
     plain = [item for item in _STUDY_REPEATS.value if ":" not in item]
     studies = study_rows([int(c) for c in _STUDY.value], _STUDY_ROUNDS.value,
                          int(plain[0]) if plain else 3,
-                         {int(k): int(v) for k, v in repeats_of.items()})
+                         {int(k): int(v) for k, v in repeats_of.items()},
+                         tuple(_STUDY_SYSTEMS.value))
   peer_rows = []
   if _PEERS.value:
     import tempfile
