@@ -504,6 +504,8 @@ def main(argv):
   del argv
   quick = _QUICK.value
   repeats = 3 if quick else _REPEATS.value
+  if repeats < 3:
+    raise app.UsageError(f"--repeats must be at least 3 (a median and a spread), got {repeats}.")
   chosen = workloads(quick)
   if _WORKLOADS.value:
     unknown = set(_WORKLOADS.value) - set(chosen) - {"sweep", "study"}
