@@ -3,7 +3,8 @@
 A run is a pure function of its hyper-parameters and seed (``hyperparams.py``: every
 continuous hyper-parameter may be a traced array), so a study of R runs is
 
-    vmap(run)(hparams [R], seeds [R])      # lax.map over groups of runs when R is large
+    vmap(run)(hparams [R], seeds [R])      # lax.map over groups of runs when R is large;
+                                           # shard_map over devices with a "runs" mesh
 
 with the data shared by all runs. ``build(hparams, seed) -> (method, init_params)``
 makes one run's method and model from traced scalars; the study initialises the state
@@ -155,34 +156,59 @@ def _pad_runs(tree, total: int):
   return jax.tree.map(pad, tree)
 
 
+RUNS_AXIS = "runs"   # the mesh axis a sharded study splits its runs over
+
+
+def runs_mesh(devices=None) -> jax.sharding.Mesh:
+  """A one-axis mesh (``RUNS_AXIS``) over ``devices`` (default: all) for ``train_many``."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.array(devices), (RUNS_AXIS,))
+
+
 def make_program(build: Build, data: FederatedData, clients_per_round: int, evaluate,
                  eval_every: int, sampler=None, chunk_size: Optional[int] = None,
-                 runs_per_chunk: Optional[int] = None):
+                 runs_per_chunk: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
   """``program(hp, seeds, carry, arrays, offsets, test, start, stop, last)``, jitted.
 
   Runs rounds ``start..stop`` (static) of every run: ``vmap`` over the runs, and a
-  ``lax.map`` over groups of ``runs_per_chunk`` runs when given (memory). ``carry=None``
+  ``lax.map`` over groups of ``runs_per_chunk`` runs when given (memory). With ``mesh``
+  (one axis, ``RUNS_AXIS``) the runs are split evenly over its devices (``shard_map``;
+  the data replicated), each device vmapping (and grouping) its own. ``carry=None``
   initialises the runs; ``last`` adds the final evaluation. Returns ``(carry,
   train_loss [runs, n], test {name: [runs, evals]} or None)`` and counts its traces in
   ``program.traces``.
   """
   traces = [0]
+  if mesh is not None and mesh.axis_names != (RUNS_AXIS,):
+    raise ValueError(f"A study's mesh has the one axis {RUNS_AXIS!r} (studies.runs_mesh), "
+                     f"got axes {mesh.axis_names}.")
+  shards = 1 if mesh is None else mesh.size
 
   def study_program(hp, seeds, carry, arrays, offsets, test_arrays, start, stop, last):
     traces[0] += 1    # runs only while tracing
     segment = _run_segment(build, data, clients_per_round, evaluate, eval_every, sampler,
                            chunk_size, start, stop)
     runs = seeds.shape[0]
-    size = runs if not runs_per_chunk else min(runs_per_chunk, runs)
-    groups = math.ceil(runs / size)
-    total = groups * size
-    one = lambda h, s, c: segment(h, s, c, arrays, offsets, test_arrays, last)
-    many = jax.vmap(one)
-    args = _pad_runs((hp, seeds, carry), total)
-    if groups == 1:
-      out = many(*args)
+    per_shard = math.ceil(runs / shards)
+    size = per_shard if not runs_per_chunk else min(runs_per_chunk, per_shard)
+    groups = math.ceil(per_shard / size)
+
+    def local(args, arrays, offsets, test_arrays):   # one device's runs: [groups * size]
+      one = lambda h, s, c: segment(h, s, c, arrays, offsets, test_arrays, last)
+      many = jax.vmap(one)
+      if groups == 1:
+        return many(*args)
+      return _ungroup(jax.lax.map(lambda a: many(*a), _group(args, groups, size)))
+
+    args = _pad_runs((hp, seeds, carry), shards * groups * size)
+    if mesh is None:
+      out = local(args, arrays, offsets, test_arrays)
     else:
-      out = _ungroup(jax.lax.map(lambda a: many(*a), _group(args, groups, size)))
+      # No collectives: every run is independent, so the varying-axes check has nothing
+      # to guard (and no gradient is taken here).
+      spec, same = jax.sharding.PartitionSpec(RUNS_AXIS), jax.sharding.PartitionSpec()
+      out = jax.shard_map(local, mesh=mesh, in_specs=(spec, same, same, same),
+                          out_specs=spec, check_vma=False)(args, arrays, offsets, test_arrays)
     return jax.tree.map(lambda x: x[:runs], out)
 
   program = jax.jit(study_program, static_argnames=("start", "stop", "last"))
@@ -206,7 +232,8 @@ def train_many(build: Build, hparams: Mapping[str, Any], seeds, data: FederatedD
                evaluate: Callable, test_arrays, *, rounds: int, clients_per_round: int,
                eval_every: int = 0, runs_per_chunk: Optional[int] = None, sampler=None,
                chunk_size: Optional[int] = None, workdir: Optional[str] = None,
-               checkpoint_every: int = 0) -> StudyResult:
+               checkpoint_every: int = 0,
+               mesh: Optional[jax.sharding.Mesh] = None) -> StudyResult:
   """Runs every run of a study, vmapped, in one compiled program.
 
   Args:
@@ -228,6 +255,8 @@ def train_many(build: Build, hparams: Mapping[str, Any], seeds, data: FederatedD
       study found there resumes (same hyper-parameters and seeds, else ValueError).
     checkpoint_every: save every this many rounds (a multiple of ``eval_every``; 0:
       only at the end).
+    mesh: split the runs over this mesh's devices (``runs_mesh()``); the numbers are
+      those of the unsharded study. None: one device.
 
   Returns:
     A ``StudyResult``. With no workdir and no ``checkpoint_every``, ``compiles`` is 1.
@@ -241,7 +270,7 @@ def train_many(build: Build, hparams: Mapping[str, Any], seeds, data: FederatedD
                      f"eval_every ({eval_every}) so checkpoints fall on evaluations.")
   hp, seeds = _stack_hparams(hparams, seeds)
   program = make_program(build, data, clients_per_round, evaluate, eval_every, sampler,
-                         chunk_size, runs_per_chunk)
+                         chunk_size, runs_per_chunk, mesh)
   arrays, offsets = data.device_arrays()
   stops = sorted({*range(checkpoint_every, rounds, checkpoint_every), rounds}
                  if checkpoint_every else {rounds})

@@ -44,6 +44,12 @@ _STUDY = flags.DEFINE_list(
     "in one program vs the same runs sequential in this process vs separate launch.train "
     "processes (launch.sweep; off by default).")
 _STUDY_ROUNDS = flags.DEFINE_integer("study_rounds", 20, "Rounds of each study run.")
+_STUDY_REPEATS = flags.DEFINE_list(
+    "study_repeats", ["3"], "Timed repetitions of each study cell (median, min, max); "
+    "one number for every count, or COUNT:REPEATS items (e.g. 16:3,64:1).")
+_STUDY_SYSTEMS = flags.DEFINE_multi_enum(
+    "study_systems", list(("vmapped", "sequential", "processes")),
+    ["vmapped", "sequential", "processes"], "The study cells to time.")
 _PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
                            "workload, each in its own venv (see launch/peers).")
 _ASYNC = flags.DEFINE_bool("async_clock", False, "Also time a step of the asynchronous clock "
@@ -57,8 +63,9 @@ def _block(tree):
   return tree
 
 
-def _time(fn, repeats):
-  """(first-call seconds, median seconds of ``repeats`` later calls)."""
+def _time(fn, repeats, per=1):
+  """(first-call seconds, median seconds of ``repeats`` later calls, all of them);
+  the later calls' times are divided by ``per`` (rounds per call)."""
   start = time.perf_counter()
   _block(fn())
   first = time.perf_counter() - start
@@ -66,8 +73,8 @@ def _time(fn, repeats):
   for _ in range(repeats):
     start = time.perf_counter()
     _block(fn())
-    times.append(time.perf_counter() - start)
-  return first, statistics.median(times)
+    times.append((time.perf_counter() - start) / per)
+  return first, statistics.median(times), times
 
 
 def workloads(quick):
@@ -125,14 +132,14 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
     def call():
       state[0], metrics = run(state[0], arrays, offsets, rounds_per_call)
       return state[0].params, metrics
-    first, steady = _time(call, repeats)
+    first, steady, times = _time(call, repeats, rounds_per_call)
     examples = float(np.mean(np.asarray(call()[1]["cohort_examples"])))
     row["examples_per_round"] = examples
     if backend.compiled:   # compiled peak temporaries (XLA's own accounting)
       memory = run.lower(state[0], arrays, offsets, rounds_per_call).compile().memory_analysis()
       if memory is not None and (memory_reference or "temp_mb" not in row):
         row["temp_mb"] = memory.temp_size_in_bytes / 2**20
-    return first - steady, steady / rounds_per_call
+    return first - steady * rounds_per_call, steady, times
 
   if "vmap" in systems:
     results["ours_vmap"] = ours("vmap", 1, memory_reference=True)
@@ -173,8 +180,8 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
         return jax.tree.map(lambda n: jnp.tensordot(w, n, 1), new), None
       return jax.lax.scan(one_round, p, jax.random.split(key, 10))[0]
     keys = iter(jax.random.split(jax.random.PRNGKey(3), repeats + 2))
-    first, steady = _time(lambda: bare(params, next(keys)), repeats)
-    results["bare_jit_vmap"] = (first - steady, steady / 10)
+    first, steady, times = _time(lambda: bare(params, next(keys)), repeats, 10)
+    results["bare_jit_vmap"] = (first - 10 * steady, steady, times)
 
   if "limit" in systems:
     big_batch = clients_per_round * batch_size
@@ -189,8 +196,8 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
         return jax.tree.map(lambda a, b: a - client_lr * b, p, g), None
       return jax.lax.scan(step, p, idx)[0]
     keys = iter(jax.random.split(jax.random.PRNGKey(2), repeats + 2))
-    first, steady = _time(lambda: limit(params, next(keys)), repeats)
-    results["limit"] = (first - steady, steady)
+    first, steady, times = _time(lambda: limit(params, next(keys)), repeats)
+    results["limit"] = (first - steady, steady, times)
 
   if "naive" in systems:
     @jax.jit
@@ -217,12 +224,15 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
         total += n
       return jax.tree.map(lambda a, d: a + d / total, params, deltas)
     naive_round()   # compile every batch shape once
-    first, steady = _time(naive_round, max(3, repeats // 2))
-    results["naive_per_batch"] = (first - steady, steady)
+    first, steady, times = _time(naive_round, max(3, repeats // 2))
+    results["naive_per_batch"] = (first - steady, steady, times)
 
-  for system, (compile_s, seconds) in results.items():
-    row[f"{system}_s_per_round"] = seconds
-    row[f"{system}_compile_s"] = max(compile_s, 0.0)
+  for system, (compile_s, seconds, times) in results.items():
+    row[f"{system}_s_per_round"] = seconds   # the median
+    row[f"{system}_s_per_round_min"] = min(times)
+    row[f"{system}_s_per_round_max"] = max(times)
+    row[f"{system}_repeats"] = len(times)
+    row[f"{system}_compile_s"] = max(compile_s, 0.0)   # one first call, not repeated
   ours_best = min(v[1] for k, v in results.items() if k.startswith("ours_vmap"))
   row["ours_best_s_per_round"] = ours_best
   if row["examples_per_round"]:
@@ -258,11 +268,26 @@ def cohort_sweep(quick, repeats):
   return rows
 
 
-def study_rows(counts, rounds):
-  """Wall time of N runs (4 client rates x N/4 seeds): vmapped, sequential, processes."""
+def spread(times):
+  """``{median, min, max, all}`` of repeated timings (seconds)."""
+  return {"median": statistics.median(times), "min": min(times), "max": max(times),
+          "all": list(times)}
+
+
+STUDY_SYSTEMS = ("vmapped", "sequential", "processes")
+
+
+def study_rows(counts, rounds, repeats=3, counts_repeats=None, systems=STUDY_SYSTEMS):
+  """Wall time of N runs (4 client rates x N/4 seeds): vmapped, sequential, processes.
+
+  Each repetition times the three systems one after another (interleaved, so a change
+  of the machine's load hits all three); a cell is the median of its repetitions, with
+  min and max, and a ratio's spread is that of the per-repetition ratios.
+  ``counts_repeats`` ({count: repeats}) overrides ``repeats`` for one count; ``systems``
+  (a subset of ``STUDY_SYSTEMS``) chooses the cells timed.
+  """
   import subprocess
   import sys
-  import time
   from launch import sweep
   from launch.configs import fedavg_digits
   config = fedavg_digits.get_config()
@@ -271,23 +296,45 @@ def study_rows(counts, rounds):
   for count in counts:
     sweeps = {"client_lr": [0.03, 0.05, 0.1, 0.2], "seed": list(range(max(count // 4, 1)))}
     runs = sweep.grid(sweeps)
-    start = time.perf_counter()
-    sweep.run_study(config, sweeps)
-    vmapped = time.perf_counter() - start
-    start = time.perf_counter()
-    sweep.run_sequential(config, sweeps)
-    sequential = time.perf_counter() - start
-    start = time.perf_counter()
-    for run in runs:
-      subprocess.run([sys.executable, "-m", "launch.train", "--noprogress",
-                      f"--config.rounds={rounds}", f"--config.eval_every={rounds}",
-                      f"--config.client_lr={run['client_lr']}", f"--config.seed={run['seed']}"],
-                     check=True, capture_output=True)
-    processes = time.perf_counter() - start
-    rows.append({"workload": f"study{len(runs)}", "runs": len(runs), "rounds": rounds,
-                 "vmapped_s": vmapped, "sequential_s": sequential, "processes_s": processes,
-                 "sequential_over_vmapped": sequential / vmapped,
-                 "processes_over_vmapped": processes / vmapped})
+    times = {system: [] for system in systems}
+    compiles = []
+    for repeat in range((counts_repeats or {}).get(count, repeats)):
+      if "vmapped" in systems:
+        before = sweep.compile_counts()
+        start = time.perf_counter()
+        sweep.run_study(config, sweeps)
+        times["vmapped"].append(time.perf_counter() - start)
+        compiles.append(sweep.rounds_compiles(before, sweep.compile_counts()))
+      if "sequential" in systems:
+        start = time.perf_counter()
+        sweep.run_sequential(config, sweeps)
+        times["sequential"].append(time.perf_counter() - start)
+      if "processes" in systems:
+        start = time.perf_counter()
+        for run in runs:
+          subprocess.run([sys.executable, "-m", "launch.train", "--noprogress",
+                          f"--config.rounds={rounds}", f"--config.eval_every={rounds}",
+                          f"--config.client_lr={run['client_lr']}",
+                          f"--config.seed={run['seed']}"],
+                         check=True, capture_output=True)
+        times["processes"].append(time.perf_counter() - start)
+      print(json.dumps({"study": len(runs), "repeat": repeat,
+                        **{k: v[-1] for k, v in times.items()}}), flush=True)
+    row = {"workload": f"study{len(runs)}", "runs": len(runs), "rounds": rounds,
+           "repeats": max(len(v) for v in times.values()), "vmapped_compiles": compiles}
+    for system, values in times.items():
+      cell = spread(values)
+      row[f"{system}_s"] = cell["median"]
+      row.update({f"{system}_s_{k}": v for k, v in cell.items() if k != "median"})
+    for system in ("sequential", "processes"):
+      if system not in times or "vmapped" not in times:
+        continue
+      ratios = [a / b for a, b in zip(times[system], times["vmapped"])]
+      row[f"{system}_over_vmapped"] = row[f"{system}_s"] / row["vmapped_s"]
+      row[f"{system}_over_vmapped_min"] = min(ratios)
+      row[f"{system}_over_vmapped_max"] = max(ratios)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
   return rows
 
 
@@ -336,21 +383,33 @@ def _ms(seconds):
   return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
+def _cell(row, key, fmt=_ms):
+  """``median [min–max]`` of a timed cell (``key`` is the median's key)."""
+  if key not in row:
+    return "–"
+  low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
+  if low is None or high is None:
+    return fmt(row[key])
+  return f"{fmt(row[key])} [{fmt(low)}–{fmt(high)}]"
+
+
 def markdown_tables(rows, devices, quick):
   """The benchmark's rows as markdown: ms per round, ratios, compile time and memory."""
   lines = [f"Measured by `python -m launch.benchmark{' --quick' if quick else ''}` on {devices}; "
-           "ms per round (median of the timed calls), ratios from the same run.", ""]
-  main = [r for r in rows if not r["workload"].startswith(("sweep_", "equal_"))]
+           "ms per round: median [min–max] of the timed calls (at least 3 each), ratios of "
+           "the medians from the same run.", ""]
+  main = [r for r in rows if not r["workload"].startswith(("sweep_", "equal_", "study"))]
   systems = [(k, name) for k, name in SYSTEMS if any(f"{k}_s_per_round" in r for r in main)]
   ratios = [(k, name) for k, name in RATIOS if any(k in r for r in main)]
   lines.append("| workload | cohort | " + " | ".join(n for _, n in systems + ratios) + " |")
   lines.append("|---|---|" + "---|" * (len(systems) + len(ratios)))
   for r in main:
-    cells = [_ms(r[f"{k}_s_per_round"]) if f"{k}_s_per_round" in r else "–" for k, _ in systems]
+    cells = [_cell(r, f"{k}_s_per_round") for k, _ in systems]
     cells += [f"{r[k]:.2f}" if k in r else "–" for k, _ in ratios]
     lines.append(f"| {r['workload']} | {r['clients_per_round']} | " + " | ".join(cells) + " |")
   lines += ["", "| workload | examples / round | local steps | examples / s (ours) | "
-            "compile s (vmap) | compiled temp MB | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+            "compile s (vmap, first call) | compiled temp MB | peak RSS MB |",
+            "|---|---|---|---|---|---|---|"]
   for r in main:
     lines.append(f"| {r['workload']} | {r['examples_per_round']:.0f} | {r['local_steps']} | "
                  f"{r.get('examples_per_s', float('nan')):.3g} | "
@@ -362,20 +421,41 @@ def markdown_tables(rows, devices, quick):
               "| clients per round | ours (10 rounds/call) | chunks of 64 | limit | best / limit |",
               "|---|---|---|---|---|"]
     for r in sweep:
-      chunked = r.get("ours_vmap_rpc10_chunk64_s_per_round")
-      lines.append(f"| {r['clients_per_round']:,} | {_ms(r['ours_vmap_rpc10_s_per_round'])} | "
-                   f"{_ms(chunked) if chunked else '–'} | {_ms(r['limit_s_per_round'])} | "
-                   f"{r['round_over_limit']:.2f} |")
+      lines.append(f"| {r['clients_per_round']:,} | {_cell(r, 'ours_vmap_rpc10_s_per_round')} | "
+                   f"{_cell(r, 'ours_vmap_rpc10_chunk64_s_per_round')} | "
+                   f"{_cell(r, 'limit_s_per_round')} | {r['round_over_limit']:.2f} |")
   equal = [r for r in rows if r["workload"].startswith("equal_")]
   if equal:
     lines += ["", "10,000 examples per round, split over more and more clients (ms per round):", "",
               "| clients × examples | ours (10 rounds/call) | chunks of 64 |", "|---|---|---|"]
     for r in equal:
-      chunked = r.get("ours_vmap_rpc10_chunk64_s_per_round")
       per = r["max_client_size"]
       lines.append(f"| {r['clients_per_round']:,} × {per:,} | "
-                   f"{_ms(r['ours_vmap_rpc10_s_per_round'])} | {_ms(chunked) if chunked else '–'} |")
+                   f"{_cell(r, 'ours_vmap_rpc10_s_per_round')} | "
+                   f"{_cell(r, 'ours_vmap_rpc10_chunk64_s_per_round')} |")
+  studies = [r for r in rows if r["workload"].startswith("study")]
+  if studies:
+    lines += ["", study_table(studies)]
   return "\n".join(lines) + "\n"
+
+
+def study_table(rows):
+  """The study rows: wall seconds, median [min–max] over the repetitions, and ratios."""
+  if not rows:
+    return ""
+  seconds = lambda v: f"{v:.1f}"
+  ratio = lambda v: f"{v:.2f}"
+  lines = ["FedAvg digits studies (4 client rates x seeds), wall seconds: median [min–max] of "
+           "the repetitions; ratios of the medians [min–max of the per-repetition ratios]:", "",
+           "| runs | rounds | repetitions | vmapped | sequential, one process | "
+           "separate launch.train processes | sequential / vmapped | processes / vmapped | "
+           "compiles (vmapped) |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    cells = [_cell(r, f"{k}_s", seconds) for k in ("vmapped", "sequential", "processes")]
+    cells += [_cell(r, f"{k}_over_vmapped", ratio) for k in ("sequential", "processes")]
+    lines.append(f"| {r['runs']} | {r['rounds']} | {r['repeats']} | " + " | ".join(cells) +
+                 f" | {', '.join(map(str, r['vmapped_compiles']))} |")
+  return "\n".join(lines)
 
 
 def write_markdown(path, tables):
@@ -410,10 +490,10 @@ def async_clock_rows(repeats, steps=10):
     state = jax.jit(sim.init)(params, jax.random.PRNGKey(0), arrays, offsets)
     run_steps = jax.jit(lambda st, a, o: jax.lax.scan(lambda c, _: sim.step(c, a, o), st, None,
                                                       length=steps))
-    _, step_s = _time(lambda: run_steps(state, arrays, offsets), repeats)
+    _, step_s, _ = _time(lambda: run_steps(state, arrays, offsets), repeats)
     rounds = make_multi_round(make_round(base, data, cohort), "vmap")
     state_r = base.init(params, jax.random.PRNGKey(0), data.num_clients)
-    _, round_s = _time(lambda: rounds(state_r, arrays, offsets, steps), repeats)
+    _, round_s, _ = _time(lambda: rounds(state_r, arrays, offsets, steps), repeats)
     rows.append({"workload": name, "clients_trained_per_step": cohort,
                  "clock_step_ms": 1e3 * step_s / steps, "round_ms": 1e3 * round_s / steps,
                  "clock_step_over_round": step_s / round_s})
@@ -424,6 +504,8 @@ def main(argv):
   del argv
   quick = _QUICK.value
   repeats = 3 if quick else _REPEATS.value
+  if repeats < 3:
+    raise app.UsageError(f"--repeats must be at least 3 (a median and a spread), got {repeats}.")
   chosen = workloads(quick)
   if _WORKLOADS.value:
     unknown = set(_WORKLOADS.value) - set(chosen) - {"sweep", "study"}
@@ -446,9 +528,14 @@ def main(argv):
     clock_rows = async_clock_rows(repeats)
     for row in clock_rows:
       print(json.dumps(row), flush=True)
-  studies = study_rows([int(c) for c in _STUDY.value], _STUDY_ROUNDS.value) if _STUDY.value else []
-  for row in studies:
-    print(json.dumps(row), flush=True)
+  studies = []
+  if _STUDY.value:
+    repeats_of = dict(item.split(":") for item in _STUDY_REPEATS.value if ":" in item)
+    plain = [item for item in _STUDY_REPEATS.value if ":" not in item]
+    studies = study_rows([int(c) for c in _STUDY.value], _STUDY_ROUNDS.value,
+                         int(plain[0]) if plain else 3,
+                         {int(k): int(v) for k, v in repeats_of.items()},
+                         tuple(_STUDY_SYSTEMS.value))
   peer_rows = []
   if _PEERS.value:
     import tempfile
@@ -468,7 +555,7 @@ def main(argv):
       plot_sweep(sweep, os.path.join(_OUT.value, "benchmark_cohort_sweep.png"))
     devices = f"{jax.device_count()} × {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores"
     write_markdown(os.path.join(_OUT.value, "benchmarks.md"),
-                   markdown_tables(rows + sweep, devices, quick))
+                   markdown_tables(rows + sweep + studies, devices, quick))
   summary = {"devices": jax.device_count(), "quick": quick}
   for row in rows + sweep + studies + clock_rows:
     for key in ("clock_step_over_round", "sequential_over_vmapped", "processes_over_vmapped",

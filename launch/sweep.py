@@ -139,10 +139,15 @@ def study_setup(config, keys: Sequence[str]):
 
 
 def run_study(config, sweeps: dict, workdir: Optional[str] = None,
-              runs_per_chunk: Optional[int] = None):
-  """The vmapped study: ``(rows, studies.StudyResult)``; rows as in runs.jsonl."""
+              runs_per_chunk: Optional[int] = None, shard_runs: Optional[bool] = None):
+  """The vmapped study: ``(rows, studies.StudyResult)``; rows as in runs.jsonl.
+
+  ``shard_runs`` splits the runs over all devices (default: when
+  ``config.backend == 'sharded'``, the study's form of that backend).
+  """
   from fedjax_lab import metrics as metrics_lib
   from fedjax_lab import studies
+  shard_runs = _shards(config, shard_runs)
   runs = grid(sweeps)
   keys = [k for k in sweeps if k != "seed"]
   build, exp, sampler, slots = study_setup(config, keys)
@@ -154,7 +159,8 @@ def run_study(config, sweeps: dict, workdir: Optional[str] = None,
       rounds=config.rounds, clients_per_round=slots, eval_every=config.eval_every,
       runs_per_chunk=runs_per_chunk, sampler=sampler, chunk_size=config.get("chunk_size"),
       workdir=os.path.join(workdir, "study") if workdir else None,
-      checkpoint_every=_study_checkpoint_every(config))
+      checkpoint_every=_study_checkpoint_every(config),
+      mesh=studies.runs_mesh() if shard_runs else None)
   rows = []
   for i, run in enumerate(runs):
     diverged = bool(result.diverged[i])
@@ -165,6 +171,10 @@ def run_study(config, sweeps: dict, workdir: Optional[str] = None,
                  "curve": [[r, float(result.test["accuracy"][i, j])]
                            for j, r in enumerate(result.eval_rounds)]})
   return rows, result
+
+
+def _shards(config, shard_runs: Optional[bool]) -> bool:
+  return config.get("backend") == "sharded" if shard_runs is None else shard_runs
 
 
 def _study_checkpoint_every(config) -> int:
@@ -318,14 +328,15 @@ def main(argv):
     if f.sequential:
       rows = run_sequential(f.config, sweeps, f.progress)
     else:
-      rows, _ = run_study(f.config, sweeps, f.workdir, f.runs_per_chunk)
+      rows, _ = run_study(f.config, sweeps, f.workdir, f.runs_per_chunk, f.shard_runs)
   except (ValueError, training.NonFiniteLossError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   wall = time.perf_counter() - start
   summary = {"runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
              "wall_s": round(wall, 3), "compiles": rounds_compiles(before, compile_counts()),
-             "num_runs": len(rows), "mode": "sequential" if f.sequential else "vmap"}
+             "num_runs": len(rows), "mode": "sequential" if f.sequential else
+             "sharded" if _shards(f.config, f.shard_runs) else "vmap"}
   if f.workdir:
     summary["runs_jsonl"] = write_runs(rows, os.path.join(f.workdir, "runs.jsonl"))
     summary["plot"] = plot(rows, sweeps, os.path.join(f.workdir, "study.png"))
@@ -345,6 +356,8 @@ def _define_flags():
   flags.DEFINE_integer("runs_per_chunk", None, "Vectorise this many runs at once (memory); "
                        "default: all.")
   flags.DEFINE_bool("progress", False, "Progress bars (--sequential).")
+  flags.DEFINE_bool("shard_runs", None, "Split the runs over all devices (default: when "
+                    "--config.backend=sharded).")
 
 
 if __name__ == "__main__":

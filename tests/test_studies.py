@@ -28,17 +28,21 @@ def single(config, values):
   return history, summary
 
 
-@pytest.mark.parametrize("algorithm,extra", [
-    ("fedavg", {}),
-    pytest.param("fedprox", {"prox_mu": [0.01, 0.3]}, marks=pytest.mark.slow),
-    pytest.param("scaffold", {}, marks=pytest.mark.slow)])
-def test_each_run_equals_the_single_run(algorithm, extra):
+@pytest.mark.parametrize("algorithm,extra,shard_runs", [
+    # FedAvg's runs split over conftest's 8 CPU devices (4 runs padded to 8); the
+    # unsharded study's runs equal their single runs in the divergence test below.
+    ("fedavg", {}, True),
+    pytest.param("fedprox", {"prox_mu": [0.01, 0.3]}, False, marks=pytest.mark.slow),
+    pytest.param("scaffold", {}, False, marks=pytest.mark.slow)])
+def test_each_run_equals_the_single_run(algorithm, extra, shard_runs):
   config = small_config(algorithm)
   sweeps = {"client_lr": [0.05, 0.2], **extra, "seed": [0, 3]}
   before = sweep.compile_counts()
-  rows, result = sweep.run_study(config, sweeps)
+  rows, result = sweep.run_study(config, sweeps, shard_runs=shard_runs)
   assert sweep.rounds_compiles(before, sweep.compile_counts()) == 1
   assert result.compiles == 1
+  if shard_runs:   # the state lives on the 8 devices
+    assert len(jax.tree.leaves(result.state.params)[0].sharding.device_set) == 8
   assert len(rows) == 2 * 2 * (2 if extra else 1)
   # Two runs of the grid against their single runs (different rate, seed and mu).
   # FedAvg: two runs; the others: the last (other rate, seed and mu than the first).
@@ -144,3 +148,35 @@ def test_outputs_runs_jsonl_and_plot(tmp_path):
   two = [{**r, "server_lr": 1.0} for r in rows]
   assert os.path.getsize(sweep.plot(two, {"client_lr": [0.1, 0.3, 10.0], "server_lr": [1.0],
                                           "seed": [0, 1]}, str(tmp_path / "b.png"))) > 1000
+
+
+@pytest.mark.slow
+def test_runs_sharded_over_devices_equal_the_unsharded_study():
+  # conftest gives 8 CPU devices; 5 runs over 4 of them, one run vectorised at a time:
+  # padding (to 8), groups on each device and the shard_map all take part.
+  config = small_config()
+  config.rounds, config.eval_every = 2, 2
+  build, exp, _, slots = sweep.study_setup(config, ["client_lr"])
+  from fedjax_lab import metrics as metrics_lib
+  evaluate = metrics_lib.make_evaluator(exp.model)
+  hp, seeds = {"client_lr": [0.05, 0.1, 0.2, 0.3, 0.15]}, [0, 1, 2, 3, 4]
+  kw = dict(rounds=2, clients_per_round=slots, eval_every=2)
+  whole = studies.train_many(build, hp, seeds, exp.train_data, evaluate, exp.test_arrays, **kw)
+  mesh = studies.runs_mesh(jax.devices()[:4])
+  sharded = studies.train_many(build, hp, seeds, exp.train_data, evaluate, exp.test_arrays,
+                               mesh=mesh, runs_per_chunk=1, **kw)
+  assert sharded.compiles == 1
+  np.testing.assert_allclose(sharded.train_loss, whole.train_loss, rtol=1e-6)
+  for k in whole.test:
+    np.testing.assert_allclose(sharded.test[k], whole.test[k], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               sharded.state.params, whole.state.params)
+  # The program really runs on the 4 devices (one shard of runs each).
+  program = studies.make_program(build, exp.train_data, slots, evaluate, 2, mesh=mesh)
+  arrays, offsets = exp.train_data.device_arrays()
+  hlo = program.lower(*studies._stack_hparams(hp, seeds), None, arrays, offsets,
+                      exp.test_arrays, start=0, stop=2, last=True).as_text()
+  assert "num_partitions = 4" in hlo
+  with pytest.raises(ValueError, match="one axis 'runs'"):
+    studies.make_program(build, exp.train_data, slots, evaluate, 2,
+                         mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("clients",)))

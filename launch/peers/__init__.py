@@ -218,4 +218,7 @@ def add_peer_ratios(rows: list, peer_rows: list, prefix: str = "peers_digits_c")
       if row is None or seconds is None or not ours:
         continue
       row[f"{peer['system']}_s_per_round"] = seconds
+      for end in ("min", "max"):   # the spread of the peer's timed rounds
+        if f"c{cohort}_s_per_round_{end}" in peer:
+          row[f"{peer['system']}_s_per_round_{end}"] = peer[f"c{cohort}_s_per_round_{end}"]
       row[f"{peer['system']}_over_ours"] = seconds / min(ours)

@@ -89,6 +89,8 @@ def run_cohort(fd, algorithm, state, cohort, warmup, repeats, seed=0):
     state = one_round(state)
     times.append(time.perf_counter() - start)
   return state, {f"c{cohort}_s_per_round": statistics.median(times),
+                 f"c{cohort}_s_per_round_min": min(times),
+                 f"c{cohort}_s_per_round_max": max(times),
                  f"c{cohort}_warmup_s": warmup_s}
 
 

@@ -185,6 +185,8 @@ def run(data_path, cohorts, warmup, repeats, lr, batch_size, num_cpus_per_client
   for i, cohort in enumerate(cohorts):
     mine = durations[i * per:(i + 1) * per]
     row[f"c{cohort}_s_per_round"] = statistics.median(mine[warmup:])
+    row[f"c{cohort}_s_per_round_min"] = min(mine[warmup:])
+    row[f"c{cohort}_s_per_round_max"] = max(mine[warmup:])
     row[f"c{cohort}_warmup_s"] = sum(mine[:warmup])
     timed = range(i * per + warmup + 1, (i + 1) * per + 1)
     fits = [f for r in timed for f, _ in strategy.fit_s[r]]
