@@ -318,20 +318,26 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e))
   from fedjax_lab import checkpoint, training
+  from launch import workdir as workdir_lib
+  try:
+    with workdir_lib.locked(f.workdir):   # one study per workdir at a time
+      summary = _study(f, sweeps)
+  except (ValueError, training.NonFiniteLossError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)   # WorkdirError (a held workdir) included
+    sys.exit(1)
+  print(json.dumps(summary))
+
+
+def _study(f, sweeps) -> dict:
   if f.workdir:
-    os.makedirs(f.workdir, exist_ok=True)
     with open(os.path.join(f.workdir, "config.json"), "w") as out:
       out.write(f.config.to_json_best_effort(indent=2))
   before = compile_counts()
   start = time.perf_counter()
-  try:
-    if f.sequential:
-      rows = run_sequential(f.config, sweeps, f.progress)
-    else:
-      rows, _ = run_study(f.config, sweeps, f.workdir, f.runs_per_chunk, f.shard_runs)
-  except (ValueError, training.NonFiniteLossError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if f.sequential:
+    rows = run_sequential(f.config, sweeps, f.progress)
+  else:
+    rows, _ = run_study(f.config, sweeps, f.workdir, f.runs_per_chunk, f.shard_runs)
   wall = time.perf_counter() - start
   summary = {"runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
              "wall_s": round(wall, 3), "compiles": rounds_compiles(before, compile_counts()),
@@ -340,7 +346,7 @@ def main(argv):
   if f.workdir:
     summary["runs_jsonl"] = write_runs(rows, os.path.join(f.workdir, "runs.jsonl"))
     summary["plot"] = plot(rows, sweeps, os.path.join(f.workdir, "study.png"))
-  print(json.dumps(summary))
+  return summary
 
 
 def _define_flags():
