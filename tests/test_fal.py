@@ -276,19 +276,25 @@ def test_zero_radius_is_exactly_the_base_method(base, attack):
   np.testing.assert_array_equal(metrics_["train_loss"], plain_metrics["train_loss"])
 
 
+def logistic_clients(sizes, seed):
+  """Clients of 4-feature inputs in [0.3, 0.7] with +-1 labels, and a logistic model."""
+  rng = np.random.default_rng(seed)
+  n = sum(sizes)
+  x = rng.uniform(0.3, 0.7, size=(n, 4)).astype(np.float32)
+  y = rng.choice([-1.0, 1.0], size=n).astype(np.float32)
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  params = {"w": jnp.asarray([0.5, -0.7, 0.3, 0.9], jnp.float32), "b": jnp.float32(0.1)}
+  return x, y, offsets, FederatedData({"x": x, "y": y}, offsets), params
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "num_examples"])
 def test_fal_round_averages_clients_uniformly_by_default(weighting):
   """One FAL round on a logistic model against numpy: each client runs 2 full-batch steps
   on its l_inf-attacked inputs x - rho y sign(w) (the closed-form attack), and the server
   averages the deltas with w_c = 1/N (the paper's, default) or n_c / n (the option)."""
   sizes, rho, lr = (5, 3, 7, 2, 6), 0.1, 0.5
-  rng = np.random.default_rng(7)
   n = sum(sizes)
-  x = rng.uniform(0.3, 0.7, size=(n, 4)).astype(np.float32)
-  y = rng.choice([-1.0, 1.0], size=n).astype(np.float32)
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  data = FederatedData({"x": x, "y": y}, offsets)
-  params = {"w": jnp.asarray([0.5, -0.7, 0.3, 0.9], jnp.float32), "b": jnp.float32(0.1)}
+  x, y, offsets, data, params = logistic_clients(sizes, seed=7)
   config = small_config(batch_size=-1, local_epochs=2, client_lr=lr)
   config.adversarial_training.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
                                           clip_min=None, clip_max=None))
@@ -321,13 +327,8 @@ def test_eps_warmup_scales_the_radius_by_the_closed_form_each_round():
   """3 FAL rounds with eps_warmup_rounds=2 against numpy: in round t every client attacks
   with eps_t = rho min(1, (t + 1) / 2) (closed-form l_inf attack x - eps_t y sign(w))."""
   sizes, rho, lr, warmup = (4, 3, 5), 0.2, 0.5, 2
-  rng = np.random.default_rng(3)
   n = sum(sizes)
-  x = rng.uniform(0.3, 0.7, size=(n, 4)).astype(np.float32)
-  y = rng.choice([-1.0, 1.0], size=n).astype(np.float32)
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  data = FederatedData({"x": x, "y": y}, offsets)
-  params = {"w": jnp.asarray([0.5, -0.7, 0.3, 0.9], jnp.float32), "b": jnp.float32(0.1)}
+  x, y, offsets, data, params = logistic_clients(sizes, seed=3)
   config = small_config(batch_size=-1, local_epochs=1, client_lr=lr)
   config.adversarial_training.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
                                           clip_min=None, clip_max=None,
