@@ -327,7 +327,6 @@ def test_eps_warmup_scales_the_radius_by_the_closed_form_each_round():
   """3 FAL rounds with eps_warmup_rounds=2 against numpy: in round t every client attacks
   with eps_t = rho min(1, (t + 1) / 2) (closed-form l_inf attack x - eps_t y sign(w))."""
   sizes, rho, lr, warmup = (4, 3, 5), 0.2, 0.5, 2
-  n = sum(sizes)
   x, y, offsets, data, params = logistic_clients(sizes, seed=3)
   config = small_config(batch_size=-1, local_epochs=1, client_lr=lr)
   config.adversarial_training.update(dict(eps=rho, step_size=rho, steps=1, rand_init=False,
