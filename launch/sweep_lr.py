@@ -134,16 +134,17 @@ def main(argv):
     lrs = [float(x) for x in f.lrs]
   except ValueError:
     raise app.UsageError(f"--lrs must be numbers, got {f.lrs}.")
-  os.makedirs(f.workdir, exist_ok=True)
+  from launch import workdir as workdir_lib
   try:
-    rows = sweep(f.config, lrs, f.which, f.methods, f.target, f.progress)
-  except ValueError as e:
+    with workdir_lib.locked(f.workdir):   # one writer of the table and plot
+      rows = sweep(f.config, lrs, f.which, f.methods, f.target, f.progress)
+      csv_path, md_path = write_table(rows, f.workdir)
+      with open(os.path.join(f.workdir, "sweep.json"), "w") as out:
+        json.dump(rows, out, indent=1)     # with the accuracy curves
+      png_path = plot(rows, os.path.join(f.workdir, "sweep.png"))
+  except ValueError as e:   # WorkdirError (a held workdir) included
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  csv_path, md_path = write_table(rows, f.workdir)
-  with open(os.path.join(f.workdir, "sweep.json"), "w") as out:
-    json.dump(rows, out, indent=1)     # with the accuracy curves
-  png_path = plot(rows, os.path.join(f.workdir, "sweep.png"))
   with open(md_path) as table:
     print(table.read())
   print(json.dumps({"csv": csv_path, "table": md_path, "plot": png_path, "runs": len(rows)}))

@@ -72,7 +72,8 @@ def test_fingerprint_ignores_only_the_resume_safe_keys():
 @pytest.mark.parametrize("script,args,output", [
     ("launch.train", ["--progress=false"], "metrics.jsonl"),
     ("launch.hypergradient", ["--wrt=client_lr"], "hypergradient.json"),
-    ("launch.sweep", ["--sweep=client_lr:0.1,0.2"], "runs.jsonl")])
+    ("launch.sweep", ["--sweep=client_lr:0.1,0.2"], "runs.jsonl"),
+    ("launch.sweep_lr", ["--lrs=0.1,1"], "sweep.csv")])
 def test_a_second_process_on_a_held_workdir_fails_naming_the_owner(tmp_path, script, args,
                                                                    output):
   lock = workdir_lib.acquire_lock(str(tmp_path))      # this test process is the owner
