@@ -255,6 +255,7 @@ class Backend:
   """
   name: str = "backend"
   compiled: bool = True
+  spans_devices: bool = False   # splits its work over the devices of a mesh
   collectives: Collectives = LOCAL_COLLECTIVES
 
   def padded_cohort_size(self, cohort_size: int) -> int:
@@ -503,6 +504,7 @@ class ShardedBackend(Backend):
     check_local_vma: the varying-axes check on the local-update region too (see 1.).
   """
   name = "sharded"
+  spans_devices = True
   collectives = SHARDED_COLLECTIVES
 
   def __init__(self, mesh: Optional[Mesh] = None, check_local_vma: bool = False):

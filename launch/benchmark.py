@@ -35,27 +35,44 @@ from fedjax_lab.data.federated import gather_cohort
 from launch.workloads import (PfLCnn, digits_population, equal_digits_population,
                               synthetic_population)
 
-_QUICK = flags.DEFINE_bool("quick", False, "Small settings (under 3 minutes on 2 cores).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per system (median reported).")
-_OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the sweep plot.")
-_WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
-_STUDY = flags.DEFINE_list(
-    "study", [], "Run counts of the study rows (e.g. 16,64): a FedAvg digits study vmapped "
-    "in one program vs the same runs sequential in this process vs separate launch.train "
-    "processes (launch.sweep; off by default).")
-_STUDY_ROUNDS = flags.DEFINE_integer("study_rounds", 20, "Rounds of each study run.")
-_STUDY_REPEATS = flags.DEFINE_list(
-    "study_repeats", ["3"], "Timed repetitions of each study cell (median, min, max); "
-    "one number for every count, or COUNT:REPEATS items (e.g. 16:3,64:1).")
-_STUDY_SYSTEMS = flags.DEFINE_multi_enum(
-    "study_systems", list(("vmapped", "sequential", "processes")),
-    ["vmapped", "sequential", "processes"], "The study cells to time.")
-_PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
-                           "workload, each in its own venv (see launch/peers).")
-_ASYNC = flags.DEFINE_bool("async_clock", False, "Also time a step of the asynchronous clock "
-                           "against a synchronous round that trains as many clients.")
-_PEERS_DIR = flags.DEFINE_string("peers_dir", None, "Folder of the peer venvs (default "
-                                 "$FEDJAX_LAB_PEERS_DIR or ~/.cache/fedjax_lab/peers).")
+# Defined by _define_flags() when run as a script, so tests and notebooks can import the
+# benchmark's functions next to other launch scripts without clashing flag names.
+_QUICK = None
+_REPEATS = None
+_OUT = None
+_WORKLOADS = None
+_STUDY = None
+_STUDY_ROUNDS = None
+_STUDY_REPEATS = None
+_STUDY_SYSTEMS = None
+_PEERS = None
+_ASYNC = None
+_PEERS_DIR = None
+
+
+def _define_flags():
+  global _QUICK, _REPEATS, _OUT, _WORKLOADS, _STUDY, _STUDY_ROUNDS, _STUDY_REPEATS, _STUDY_SYSTEMS, _PEERS, _ASYNC, _PEERS_DIR
+  _QUICK = flags.DEFINE_bool("quick", False, "Small settings (under 3 minutes on 2 cores).")
+  _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per system (median reported).")
+  _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the sweep plot.")
+  _WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
+  _STUDY = flags.DEFINE_list(
+      "study", [], "Run counts of the study rows (e.g. 16,64): a FedAvg digits study vmapped "
+      "in one program vs the same runs sequential in this process vs separate launch.train "
+      "processes (launch.sweep; off by default).")
+  _STUDY_ROUNDS = flags.DEFINE_integer("study_rounds", 20, "Rounds of each study run.")
+  _STUDY_REPEATS = flags.DEFINE_list(
+      "study_repeats", ["3"], "Timed repetitions of each study cell (median, min, max); "
+      "one number for every count, or COUNT:REPEATS items (e.g. 16:3,64:1).")
+  _STUDY_SYSTEMS = flags.DEFINE_multi_enum(
+      "study_systems", list(("vmapped", "sequential", "processes")),
+      ["vmapped", "sequential", "processes"], "The study cells to time.")
+  _PEERS = flags.DEFINE_bool("peers", False, "Also time FedJAX and Flower on the peers' digits "
+                             "workload, each in its own venv (see launch/peers).")
+  _ASYNC = flags.DEFINE_bool("async_clock", False, "Also time a step of the asynchronous clock "
+                             "against a synchronous round that trains as many clients.")
+  _PEERS_DIR = flags.DEFINE_string("peers_dir", None, "Folder of the peer venvs (default "
+                                   "$FEDJAX_LAB_PEERS_DIR or ~/.cache/fedjax_lab/peers).")
 
 
 def _block(tree):
@@ -567,4 +584,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

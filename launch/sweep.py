@@ -142,8 +142,8 @@ def run_study(config, sweeps: dict, workdir: Optional[str] = None,
               runs_per_chunk: Optional[int] = None, shard_runs: Optional[bool] = None):
   """The vmapped study: ``(rows, studies.StudyResult)``; rows as in runs.jsonl.
 
-  ``shard_runs`` splits the runs over all devices (default: when
-  ``config.backend == 'sharded'``, the study's form of that backend).
+  ``shard_runs`` splits the runs over all devices (default: when the config's backend
+  spans devices, i.e. ``sharded``: the study's form of that backend).
   """
   from fedjax_lab import metrics as metrics_lib
   from fedjax_lab import studies
@@ -174,7 +174,10 @@ def run_study(config, sweeps: dict, workdir: Optional[str] = None,
 
 
 def _shards(config, shard_runs: Optional[bool]) -> bool:
-  return config.get("backend") == "sharded" if shard_runs is None else shard_runs
+  if shard_runs is not None:
+    return shard_runs
+  from fedjax_lab import parallel
+  return parallel.get_backend(config.get("backend", "vmap")).spans_devices
 
 
 def _study_checkpoint_every(config) -> int:
