@@ -33,8 +33,8 @@ NOTEBOOK_PARAMETERS: dict[str, dict] = {
                     "methods": ("fedavg_sync", "fedbuff")},
     "studies.ipynb": {"num_clients": 20, "client_lrs": (0.05, 0.2), "seeds": (0, 1),
                       "tune_rounds": 2, "tune_steps": 1},
-    "personalization_and_llm.ipynb": {"lm_variants": ("fedkseed", "lora"), "lm_rounds": 2,
-                                      "lm_pretrain_steps": 20},
+    "personalization_and_llm.ipynb": {"methods": ("fedavg", "ditto"), "lm_variants": ("lora",),
+                                      "lm_rounds": 2, "lm_pretrain_steps": 20},
 }
 CELL_TIMEOUT_S = 300
 # Plots a notebook must show (image outputs), so a figure that renders as text fails.
