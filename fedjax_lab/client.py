@@ -1,4 +1,5 @@
-"""Local training: one ``lax.scan`` over local steps on padded, masked client data.
+"""Local training: the first step, then one ``lax.scan`` over the rest, on padded,
+masked client data.
 
 Every client of a cohort holds ``max_examples`` rows of which the first ``size`` are
 real. The schedule turns (step, size) into the indices and mask of one batch, so
@@ -179,6 +180,12 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
 
   init = (params, opt_state, oracle_state, jnp.zeros((), jnp.int32), aux_zeros)
   steps = jnp.arange(indices.shape[0])
+  if indices.shape[0] > 0:
+    # The first step outside the scan: there the params are still the broadcast ones,
+    # so under vmap its forward and input gradients are one matmul over every
+    # client's examples (a scan's carry is batched from its first step on).
+    init, _ = step(init, (steps[0], indices[0], mask[0]))
+    steps, indices, mask = steps[1:], indices[1:], mask[1:]
   (params, opt_state, oracle_state, num_steps, aux_sum), _ = jax.lax.scan(
       step, init, (steps, indices, mask))
   mean_loss = aux_sum["loss"] / jnp.maximum(num_steps, 1).astype(aux_sum["loss"].dtype)
