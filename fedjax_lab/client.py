@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab import loops
 from fedjax_lab.transforms import GradientOracle
 from fedjax_lab.types import Params, PRNGKey, PyTree
 
@@ -32,11 +33,15 @@ class LocalSchedule:
     steps: a fixed number of steps for every non-empty client, cycling through one
       shuffle of its data.
     shuffle: reshuffle each epoch (epochs mode) or once per round (steps mode).
+    unroll: unroll the scan of local steps (None: ``loops.unroll_steps`` decides).
   """
   batch_size: Optional[int] = 32
   epochs: Optional[int] = None
   steps: Optional[int] = None
   shuffle: bool = True
+  # Unroll the local steps' scan: None decides (loops.unroll_steps: on the CPU when a
+  # step convolves); the numbers are the same either way.
+  unroll: Optional[bool] = None
 
   def __post_init__(self):
     if self.epochs is None and self.steps is None:
@@ -126,7 +131,7 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
                 size: jax.Array, rng: PRNGKey, extra_args: dict[str, Any],
                 max_examples: int, oracle_state: PyTree = None,
                 step_limit: Optional[jax.Array] = None) -> LocalResult:
-  """Runs the local steps of one client as a single ``lax.scan``.
+  """Runs the local steps of one client: the first, then a ``lax.scan`` of the rest.
 
   Args:
     oracle: gradient oracle.
@@ -159,8 +164,10 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
     batch = {name: jnp.take(array, step_indices, axis=0) for name, array in data.items()}
     return {**batch, "mask": step_mask}
 
-  aux_template = jax.eval_shape(
-      lambda: oracle.update(params, gather_batch(indices[0], mask[0]), step_key, oracle_state)[1])
+  # One trace of a step's gradients gives the aux shapes and what decides unrolling.
+  oracle_jaxpr, aux_template = jax.make_jaxpr(
+      lambda: oracle.update(params, gather_batch(indices[0], mask[0]), step_key, oracle_state)[1],
+      return_shape=True)()
   aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_template)
 
   def step(carry, plan):
@@ -186,7 +193,10 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
     # client's examples (a scan's carry is batched from its first step on).
     init, _ = step(init, (steps[0], indices[0], mask[0]))
     steps, indices, mask = steps[1:], indices[1:], mask[1:]
-  (params, opt_state, oracle_state, num_steps, aux_sum), _ = jax.lax.scan(
-      step, init, (steps, indices, mask))
+  unroll = schedule.unroll
+  if unroll is None:
+    unroll = loops.unroll_steps(loops.primitive_names(oracle_jaxpr), indices.shape[0])
+  (params, opt_state, oracle_state, num_steps, aux_sum), _ = loops.scan(
+      step, init, (steps, indices, mask), unroll=bool(unroll))
   mean_loss = aux_sum["loss"] / jnp.maximum(num_steps, 1).astype(aux_sum["loss"].dtype)
   return LocalResult(params, opt_state, oracle_state, num_steps, mean_loss, aux_sum)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from fedjax_lab import loops
 from fedjax_lab.transforms import LOCAL_COLLECTIVES, Aggregator, Collectives, SumStream
 
 CLIENTS_AXIS = "clients"
@@ -283,9 +284,10 @@ class Backend:
     """``jax.jit(fn, **jit_kwargs)``, or ``fn`` itself where nothing is compiled."""
     return jax.jit(fn, **jit_kwargs)
 
-  def scan(self, f: Callable, init, xs=None, length: Optional[int] = None):
-    """``jax.lax.scan(f, init, xs, length)`` (a Python loop where nothing is compiled)."""
-    return jax.lax.scan(f, init, xs, length=length)
+  def scan(self, f: Callable, init, xs=None, length: Optional[int] = None,
+           unroll: bool = False):
+    """``loops.scan(f, init, xs, length, unroll)`` (a Python loop where nothing is compiled)."""
+    return loops.scan(f, init, xs, length=length, unroll=unroll)
 
   def scan_rounds(self, round_fn: Callable, donate_state: bool = False,
                   max_rounds: Optional[int] = None,
@@ -304,8 +306,9 @@ class Backend:
     if max_rounds is None or max_rounds <= 1 or not self.compiled:
       def run(state, arrays, offsets, num_rounds):
         traced()
+        # A single round is no loop (XLA:CPU convolutions are slow inside loops).
         return self.scan(lambda s, _: round_fn(s, arrays, offsets), state, None,
-                         length=num_rounds)
+                         length=num_rounds, unroll=num_rounds == 1)
       return self.jit(run, static_argnums=3, donate_argnums=(0,) if donate_state else ())
 
     def run_padded(state, arrays, offsets, num_rounds):
@@ -322,9 +325,30 @@ class Backend:
 
     padded = self.jit(run_padded, donate_argnums=(0,) if donate_state else ())
 
+    def run_one(state, arrays, offsets):
+      traced()
+      return round_fn(state, arrays, offsets)
+
+    one = self.jit(run_one, donate_argnums=(0,) if donate_state else ())
+    from_python = []   # decided at the first call
+
     def run(state, arrays, offsets, num_rounds):
       if not 0 <= num_rounds <= max_rounds:
         raise ValueError(f"num_rounds={num_rounds} is outside [0, max_rounds={max_rounds}].")
+      if not from_python:
+        # Rounds that convolve run one jitted round per Python iteration on the CPU
+        # (XLA:CPU's convolutions are slow inside the rounds' scan).
+        from_python.append(jax.default_backend() == "cpu" and loops.convolves(
+            jax.make_jaxpr(round_fn)(state, arrays, offsets)))
+      if from_python[0]:
+        records = []
+        for _ in range(num_rounds):
+          state, metrics = one(state, arrays, offsets)
+          records.append(metrics)
+        if not records:
+          return state, jax.tree.map(lambda m: jnp.zeros((0,) + m.shape, m.dtype),
+                                     jax.eval_shape(round_fn, state, arrays, offsets)[1])
+        return state, jax.tree.map(lambda *rows: jnp.stack(rows), *records)
       state, metrics = padded(state, arrays, offsets, jnp.asarray(num_rounds, jnp.int32))
       return state, jax.tree.map(lambda m: m[:num_rounds], metrics)
     return run
@@ -401,7 +425,8 @@ class LoopBackend(Backend):
     del jit_kwargs
     return fn
 
-  def scan(self, f, init, xs=None, length=None):
+  def scan(self, f, init, xs=None, length=None, unroll=False):
+    del unroll   # a Python loop already
     count = length if xs is None else _count(xs)
     if xs is not None and length is not None and length != count:
       raise ValueError(f"scan got length={length} and xs with {count} rows.")

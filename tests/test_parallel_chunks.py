@@ -181,15 +181,15 @@ def temp_bytes_512(cases):
 def test_compiled_temp_memory_shrinks_with_chunk_size_and_streaming():
   temps = temp_bytes_512([(None, True), (16, True), (13, True), (16, False)])
   print("temp bytes by (chunk size, streamed):", temps)
-  # Measured: unchunked 1,377,224; chunk 16 111,096 streamed, 246,008 stacked;
-  # chunk 13 90,744 streamed.
+  # Measured: unchunked 4,271,424 (1,377,224 before the first local step left the scan);
+  # chunk 16 134,840 streamed, 269,624 stacked; chunk 13 110,008 streamed.
   assert temps[16, True] < 0.25 * temps[None, True]
   # A chunk that does not divide 512 must not copy the cohort (lax.map's remainder does).
   assert temps[13, True] < 0.25 * temps[None, True]
-  # Streaming drops the [512, 65] float32 stack of messages (133,120 bytes): 2.2x here.
+  # Streaming drops the [512, 65] float32 stack of messages (133,120 bytes): 2.0x here.
   message_bytes = 512 * 65 * 4
   assert temps[16, False] - temps[16, True] > 0.9 * message_bytes
-  assert temps[16, True] < 0.5 * temps[16, False]
+  assert temps[16, True] < 0.55 * temps[16, False]
 
 
 @pytest.mark.slow
