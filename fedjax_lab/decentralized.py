@@ -525,7 +525,9 @@ def train(method: Decentralized, params: Params, data: FederatedData,
     raise ValueError("Decentralized runs keep the node states on the device and sample "
                      "nothing (client_states='device', sampler=None).")
   opts = dataclasses.replace(opts, clients_per_round=data.num_clients)
-  round_fn = make_round(method, data, opts.backend, chunk_size=opts.chunk_size)
+  # Gossip maps every node each round: no automatic chunking (its rule is for cohorts).
+  chunk_size = None if opts.chunk_size == "auto" else opts.chunk_size
+  round_fn = make_round(method, data, opts.backend, chunk_size=chunk_size)
   rng = jax.random.PRNGKey(opts.seed)
   loop = training.run_loop(
       dataclasses.replace(method.local, name=method.name), params, data,

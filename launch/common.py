@@ -179,7 +179,7 @@ def run(config, workdir: Optional[str] = None, progress: bool = True, writers=()
   opts = training.TrainOptions(
       rounds=config.rounds, clients_per_round=cohort_slots, backend=config.backend,
       sampler=sampler,
-      chunk_size=config.get("chunk_size"), donate_state=config.get("donate_state", False),
+      chunk_size=config.get("chunk_size") or "auto", donate_state=config.get("donate_state", False),
       client_states=config.get("client_states", "device"),
       client_state_dir=config.get("client_state_dir"),
       seed=config.seed, eval_every=config.eval_every,

@@ -7,19 +7,26 @@ import numpy as np
 import pytest
 
 from algorithms.fedavg import fedavg
-from fedjax_lab import loops, models, training
+from fedjax_lab import loops, training
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import FederatedData
 
 
-def _conv_problem(sizes=(6, 3, 5, 4), seed=0):
+def _conv_problem(sizes, seed=0):
+  """Clients of 1-D signals and a one-filter convolution regressor (cheap to compile)."""
   rng = np.random.default_rng(seed)
   n = sum(sizes)
-  x = rng.normal(size=(n, 6, 6, 1)).astype(np.float32)
-  y = rng.integers(0, 3, size=n).astype(np.int32)
+  x = rng.normal(size=(n, 5, 1)).astype(np.float32)
+  y = rng.normal(size=n).astype(np.float32)
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-  model = models.cnn((2,), 4, 3)
-  return FederatedData({"x": x, "y": y}, offsets), model, model.init(jax.random.PRNGKey(0), x[:1])
+  params = {"kernel": rng.normal(size=(3, 1, 1)).astype(np.float32)}
+
+  def example_loss(params, batch, rng):
+    del rng
+    out = jax.lax.conv_general_dilated(batch["x"], params["kernel"], (1,), "VALID",
+                                       dimension_numbers=("NWC", "WIO", "NWC"))
+    return 0.5 * (jnp.sum(out, axis=(1, 2)) - batch["y"]) ** 2
+  return FederatedData({"x": x, "y": y}, offsets), example_loss, params
 
 
 def test_unrolled_scan_equals_lax_scan():
@@ -52,14 +59,13 @@ def test_unroll_decisions():
   assert not loops.unroll_steps(dense, 1)
 
 
-@pytest.mark.parametrize("unroll", [True, False])
-def test_conv_rounds_unrolled_or_not_give_the_same_numbers(unroll):
-  data, model, params = _conv_problem()
-  loss = models.classification_loss(model)
+def test_conv_rounds_unrolled_or_not_give_the_same_numbers():
+  data, loss, params = _conv_problem((4, 2, 3, 2))
   auto = fedavg(loss, 0.1, schedule=LocalSchedule(batch_size=2, epochs=1))
-  fixed = fedavg(loss, 0.1, schedule=LocalSchedule(batch_size=2, epochs=1, unroll=unroll))
-  # Conv rounds, 4 per call: one jitted round called from Python on the CPU.
-  opts = training.TrainOptions(rounds=5, clients_per_round=2, rounds_per_call=4,
+  fixed = fedavg(loss, 0.1, schedule=LocalSchedule(batch_size=2, epochs=1, unroll=False))
+  # Conv rounds, 2 per call: one jitted round called from Python on the CPU, local
+  # steps unrolled; against a scan of local steps, one round per call.
+  opts = training.TrainOptions(rounds=3, clients_per_round=2, rounds_per_call=2,
                                eval_every=0, progress=False)
   loop = training.run_loop(auto, params, data, opts=opts)
   assert loop.traces == 1
@@ -69,3 +75,36 @@ def test_conv_rounds_unrolled_or_not_give_the_same_numbers(unroll):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose([h["train_loss"] for h in loop.history],
                              [h["train_loss"] for h in single.history], rtol=1e-5)
+
+
+def test_auto_chunk_rule():
+  never = lambda: pytest.fail("the convolution check runs only for large cohorts")
+  assert training.resolve_chunk_size("auto", training.AUTO_CHUNK_ABOVE, never) is None
+  assert training.resolve_chunk_size(
+      "auto", training.AUTO_CHUNK_ABOVE + 1, lambda: False) == training.AUTO_CHUNK_SIZE
+  assert training.resolve_chunk_size("auto", 10_000, lambda: True) is None   # conv on the CPU
+  assert training.resolve_chunk_size(None, 10_000, never) is None
+  assert training.resolve_chunk_size(7, 3, never) == 7
+
+
+def test_auto_chunked_rounds_match_unchunked_numpy_fedavg():
+  from reference import linear_example_loss, linear_problem, local_sgd, to_numpy
+  # 300 clients per round (> AUTO_CHUNK_ABOVE): chunks of 64, the last one overlapping.
+  sizes = [2 + i % 3 for i in range(300)]
+  data, params = linear_problem(sizes, seed=2)
+  method = fedavg(linear_example_loss, 0.1, schedule=LocalSchedule(batch_size=2, epochs=1,
+                                                                     shuffle=False))
+  opts = training.TrainOptions(rounds=1, clients_per_round=300, eval_every=0, progress=False)
+  assert opts.chunk_size == "auto"
+  state, _ = training.train(method, params, data, opts=opts)
+  # Every client trains (the cohort is the population), so the round is FedAvg in numpy.
+  start, deltas, weights = to_numpy(params), [], []
+  for i in range(300):
+    x, y = (np.asarray(data.client(i)[k], np.float64) for k in ("x", "y"))
+    local, _ = local_sgd(start, x, y, 0.1, 2, 1)
+    deltas.append({k: local[k] - start[k] for k in start})
+    weights.append(len(y))
+  w = np.asarray(weights, np.float64) / np.sum(weights)
+  for k in start:
+    want = start[k] + sum(wi * d[k] for wi, d in zip(w, deltas))
+    np.testing.assert_allclose(np.asarray(state.params[k]), want, rtol=2e-5, atol=2e-6)

@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.server_convention = "reddi"   # FedOpt: "reddi" (Alg. 2 of the paper) | "optax"
   # Execution.
   config.backend = "vmap"
-  config.chunk_size = config_dict.placeholder(int)   # clients vectorised at once (large cohorts)
+  # Clients vectorised at once; None: automatic (training.resolve_chunk_size).
+  config.chunk_size = config_dict.placeholder(int)
   config.donate_state = False        # True: update the state in place (large client-state tables)
   config.client_states = "device"    # "host": per-client state table in host memory (huge N)
   config.client_state_dir = config_dict.placeholder(str)   # with "host": table as memmap files
