@@ -17,7 +17,7 @@ from algorithms import fedewc, fot
 from algorithms import fedzo, fzoos
 from algorithms import rffl
 from algorithms import feddyn, fednova, momentum, sharpness
-from algorithms import apfl, ditto, fedbn, fedrep, local_finetune
+from algorithms import apfl, ditto, fedbn, fedrep, local_finetune, pfedgate
 from algorithms import fedkseed
 
 
@@ -85,6 +85,7 @@ REGISTRY: dict[str, Entry] = {
     "fedrep": Entry(fedrep.from_config, _PERSONAL),
     "fedper": Entry(fedrep.fedper_from_config, _PERSONAL),
     "fedbn": Entry(fedbn.from_config, ("personal_digits", "fedbn"), takes_model=True),
+    "pfedgate": Entry(pfedgate.from_config, _PERSONAL),
     "fedkseed": Entry(fedkseed.from_config, ("fedkseed_text", "tiny")),
 }
 
