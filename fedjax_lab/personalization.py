@@ -10,6 +10,8 @@ evaluation on each client's own held-out split with its summary metrics:
 
     personal_accuracy_mean   mean over clients of client i's accuracy on its test split
     personal_accuracy_p10    10th percentile of those accuracies (the worse-off clients)
+    personal_loss_mean, _p10, _p90  the per-client losses' mean and percentiles (p90: the
+                             worse-off clients); next-token tasks score per target token
     participation_gap        (Yuan et al., "What Do We Mean by Generalization in Federated
                              Learning?", ICLR 2022): the global model's mean accuracy on the
                              participating clients' test splits minus its mean accuracy on
