@@ -17,8 +17,8 @@ from algorithms import fedewc, fot
 from algorithms import fedzo, fzoos
 from algorithms import rffl
 from algorithms import feddyn, fednova, momentum, sharpness
-from algorithms import apfl, ditto, fedbn, fedrep, local_finetune
-from algorithms import fedkseed
+from algorithms import apfl, ditto, fedbn, fedrep, local_finetune, pfedgate
+from algorithms import fedkseed, pfedpg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,9 @@ REGISTRY: dict[str, Entry] = {
     "fedrep": Entry(fedrep.from_config, _PERSONAL),
     "fedper": Entry(fedrep.fedper_from_config, _PERSONAL),
     "fedbn": Entry(fedbn.from_config, ("personal_digits", "fedbn"), takes_model=True),
+    "pfedgate": Entry(pfedgate.from_config, _PERSONAL),
     "fedkseed": Entry(fedkseed.from_config, ("fedkseed_text", "tiny")),
+    "pfedpg": Entry(pfedpg.from_config, ("fedkseed_text", "pfedpg_tiny")),
 }
 
 

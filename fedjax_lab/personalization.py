@@ -10,6 +10,8 @@ evaluation on each client's own held-out split with its summary metrics:
 
     personal_accuracy_mean   mean over clients of client i's accuracy on its test split
     personal_accuracy_p10    10th percentile of those accuracies (the worse-off clients)
+    personal_loss_mean, _p10, _p90  the per-client losses' mean and percentiles (p90: the
+                             worse-off clients); next-token tasks score per target token
     participation_gap        (Yuan et al., "What Do We Mean by Generalization in Federated
                              Learning?", ICLR 2022): the global model's mean accuracy on the
                              participating clients' test splits minus its mean accuracy on
@@ -25,6 +27,7 @@ from flax import traverse_util
 
 from fedjax_lab import client as client_lib
 from fedjax_lab.data.federated import FederatedData, gather_cohort
+from fedjax_lab.models import text as text_models
 from fedjax_lab.transforms import GradientOracle, as_extra_args
 from fedjax_lab.types import Params, PyTree
 
@@ -95,13 +98,29 @@ def local_finetuning(oracle: GradientOracle, tx: optax.GradientTransformation,
   return personalize
 
 
+TASKS = ("classification", "next_token")
+
+
+def _sums(logits, y, rows, task):
+  """Correct predictions, summed loss and the count of scored targets of one client."""
+  if task == "classification":
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return (jnp.sum((jnp.argmax(logits, -1) == y) & rows), jnp.sum(jnp.where(rows, loss, 0.0)),
+            jnp.sum(rows))
+  losses, targets = text_models.token_losses(logits, y)   # y [n, L]: per token, PAD unscored
+  targets = targets & rows[:, None]
+  return (jnp.sum((jnp.argmax(logits, -1) == y) & targets),
+          jnp.sum(jnp.where(targets, losses, 0.0)), jnp.sum(targets))
+
+
 def evaluate_clients(apply_fn: Callable, personalize: Optional[Personalize], params: Params,
                      client_states: PyTree, train: FederatedData, test: FederatedData,
-                     rng: jax.Array, batch_size: int = 16) -> dict:
+                     rng: jax.Array, batch_size: int = 16, task: str = "classification") -> dict:
   """Each client's model on its own test split.
 
   Client i is evaluated with ``personalize(params, client_states[i], train_i, n_i, key_i)``
-  (None: the global ``params``) on ``test_i``, classification (``y [n]``).
+  (None: the global ``params``) on ``test_i``: classification (``y [n]``: accuracy and
+  loss per example) or ``'next_token'`` (``y [n, L]``: per non-PAD target token).
 
   Args:
     apply_fn: ``(params, x) -> logits`` (``Model.apply``).
@@ -114,8 +133,10 @@ def evaluate_clients(apply_fn: Callable, personalize: Optional[Personalize], par
 
   Returns:
     numpy ``{'accuracy' [N], 'loss' [N], 'num_examples' [N]}`` (accuracy and loss 0
-    for clients without test examples).
+    for clients without test examples; for next-token, ``num_examples`` counts tokens).
   """
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
   if train.num_clients != test.num_clients:
     raise ValueError(f"train has {train.num_clients} clients but test has {test.num_clients}; "
                      f"they must be the same clients' splits.")
@@ -137,11 +158,8 @@ def evaluate_clients(apply_fn: Callable, personalize: Optional[Personalize], par
         model = personalize(params, row, data, size[0], jax.random.fold_in(rng, i))
       tdata, tsize = gather_cohort(te_arrays, te_offsets, ids, max_test)
       logits = apply_fn(model, tdata["x"][0])
-      mask = jnp.arange(max_test) < tsize[0]
-      y = tdata["y"][0]
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return {"correct": jnp.sum((jnp.argmax(logits, -1) == y) & mask),
-              "loss": jnp.sum(jnp.where(mask, loss, 0.0)), "count": tsize[0]}
+      correct, loss, count = _sums(logits, tdata["y"][0], jnp.arange(max_test) < tsize[0], task)
+      return {"correct": correct, "loss": loss, "count": count}
     return jax.lax.map(one, jnp.arange(num), batch_size=batch_size)
 
   sums = jax.tree.map(np.asarray, run(params, table, tr_arrays, tr_offsets, te_arrays,
@@ -153,15 +171,18 @@ def evaluate_clients(apply_fn: Callable, personalize: Optional[Personalize], par
 
 
 def summarize(per_client: dict, prefix: str = "personal_") -> dict:
-  """``{prefix}accuracy_mean``, ``{prefix}accuracy_p10``, ``{prefix}loss_mean`` over the
-  clients that have test examples (unweighted: every client counts once)."""
+  """``{prefix}accuracy_mean``, ``{prefix}accuracy_p10``, ``{prefix}loss_mean`` and the
+  loss's 10th and 90th percentiles (``loss_p90``: the worse-off clients) over the clients
+  that have test examples (unweighted: every client counts once)."""
   has = per_client["num_examples"] > 0
   if not np.any(has):
     raise ValueError("no client has test examples; raise client_test_fraction.")
   acc = per_client["accuracy"][has]
   return {f"{prefix}accuracy_mean": float(np.mean(acc)),
           f"{prefix}accuracy_p10": float(np.percentile(acc, 10)),
-          f"{prefix}loss_mean": float(np.mean(per_client["loss"][has]))}
+          f"{prefix}loss_mean": float(np.mean(per_client["loss"][has])),
+          f"{prefix}loss_p10": float(np.percentile(per_client["loss"][has], 10)),
+          f"{prefix}loss_p90": float(np.percentile(per_client["loss"][has], 90))}
 
 
 def participation_gap(apply_fn: Callable, params: Params, train: FederatedData,

@@ -17,6 +17,11 @@
    any registered method (fedavg, fedprox, fedkseed, ...) trains it, and every variant
    starts at the pre-trained model.
 
+Each client's held-out texts are also its own test split (``info.client_test``), so the
+summary has per-client losses (``personal_loss_mean``, ``_p10``, ``_p90``; the global
+model, or the method's ``personalize``). ``pfedpg`` (the prompt generator of Yang et al.
+2023) runs on ``finetune='prompt'``: the server's params are its generator.
+
 ``report`` adds the message sizes to the summary: ``uplink_bytes_per_client_round``
 (the trainable tree, or FedKSeed's 8 bytes a local step) next to
 ``full_finetune_uplink_bytes`` (the whole model's).
@@ -122,6 +127,9 @@ def finetuned_model(config, model, params):
 def build(config) -> common.Experiment:
   if config.finetune not in FINETUNE:   # before any text or pre-training
     raise ValueError(f"unknown finetune {config.finetune!r}; choose one of {', '.join(FINETUNE)}")
+  if config.algorithm == "pfedpg" and config.finetune != "prompt":
+    raise ValueError(f"pFedPG generates prompts: it needs finetune='prompt', got "
+                     f"{config.finetune!r}")
   names, texts = client_texts(config)
   split = [_split(t, config.get("test_fraction", 0.2)) for t in texts]
   public = corpus.public_texts(config.public_texts, config.data_seed)
@@ -130,16 +138,24 @@ def build(config) -> common.Experiment:
                                           config.sequence_length)
   test_arrays = text_lib.char_sequences([s for _, test in split for s in test], vocab,
                                         config.sequence_length)
+  # The same held-out texts per client: each client's own test split.
+  client_test, _ = text_lib.federated_text([test for _, test in split], vocab,
+                                           config.sequence_length)
   model, params, losses = pretrained_lm(config, vocab, public)
   tuned, init_params = finetuned_model(config, model, params)
   example_loss = text_models.sequence_loss(tuned)
-  evaluate = text_models.make_sequence_evaluator(tuned)
   method = algorithms.build(config.algorithm, config, example_loss, model=tuned)
+  if config.algorithm == "pfedpg":
+    # The server's params are the prompt generator; its global model uses P_base.
+    tuned, init_params = algorithms.pfedpg.generator_model(
+        tuned, init_params, jax.random.PRNGKey(config.seed + 4),
+        config.get("pfedpg_attn_dim") or None)
+  evaluate = text_models.make_sequence_evaluator(tuned)
   method = robust.apply_robustness(method, config, train_data.num_clients)
   method = compression_launch.apply_compression(method, config)
   info = LMInfo("next_token", vocab.size, vocab, names, f"lm:{config.data}",
                 pretrain_loss=float(np.mean(np.asarray(losses)[-10:])) if len(losses) else None,
-                full_finetune_uplink_bytes=lora.tree_bytes(params))
+                full_finetune_uplink_bytes=lora.tree_bytes(params), client_test=client_test)
   return common.Experiment(method, tuned, train_data, test_arrays, init_params, evaluate, None,
                            info, example_loss)
 
@@ -150,6 +166,8 @@ def report(config, exp: common.Experiment) -> dict:
   if config.algorithm == "fedkseed":
     uplink = algorithms.fedkseed.uplink_bytes(config)
     extra = {"kseed_sampling": config.get("kseed_sampling", "uniform")}
+  elif config.algorithm == "pfedpg":
+    uplink = lora.tree_bytes(exp.init_params["base"])   # Delta P_n, the prompt's size
   else:
     uplink = lora.tree_bytes(exp.init_params)
   return {"finetune": config.finetune, "uplink_bytes_per_client_round": uplink,

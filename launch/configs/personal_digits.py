@@ -6,7 +6,7 @@ personal_accuracy_p10; for fedavg the global model), and 5 held-out clients that
 never train give the global model's participation_gap.
     python -m launch.train --config=launch/configs/personal_digits.py
     python -m launch.train --config=launch/configs/personal_digits.py --config.algorithm=ditto
-    (ditto | apfl | fedrep | fedper | fedbn | local_finetune | fedavg)
+    (ditto | apfl | fedrep | fedper | fedbn | local_finetune | pfedgate | fedavg)
 FedBN needs the BN model: ``--config.algorithm=fedbn --config.model=mlp_bn``
 (``get_config('fedbn')``, FedBN's registry example, sets it).
 """
@@ -41,4 +41,11 @@ def get_config(algorithm: str = "fedavg") -> ml_collections.ConfigDict:
   config.apfl_alpha_init = 0.5
   config.finetune_epochs = 5           # local_finetune: SGD epochs at evaluation
   config.finetune_lr = 0.0             # 0 = client_lr
+  # pFedGate (Chen et al. 2023; the authors' run scripts): sparse factor s, blocks per leaf.
+  config.pfedgate_sparsity = 0.5       # fraction of the model's parameters kept
+  config.pfedgate_block_split = 5      # each leaf cut into this many sub-blocks
+  config.pfedgate_blocks = "units"     # units: groups of output units; flat: of the flat leaf
+  config.pfedgate_gate_lr = 0.1        # SGD rate of the personal gating layer
+  config.pfedgate_score_levels = 0     # knapsack values g; 10 = the authors' round(10 g)
+  config.pfedgate_input_dim = 0        # 0 = the first dense kernel's fan-in
   return config
