@@ -6,8 +6,9 @@
 Everything is timed in one process on the same workload, and reported as ratios:
 * ``ours_vmap`` / ``ours_vmap_rpc10`` / ``ours_sharded`` / ``ours_loop``: fedjax_lab rounds
   (sampling, gather, masking, metrics included) with ``rounds_per_call`` 1 or 10;
-* ``limit``: a jitted centralized SGD scan doing the same gradient steps on batches of
-  cohort_size x batch_size examples (the same arithmetic without federated bookkeeping);
+* ``limit``: jitted centralized SGD doing the same gradient steps on batches of
+  cohort_size x batch_size examples (the same arithmetic without federated bookkeeping),
+  the faster of a ``lax.scan`` of the steps and the steps unrolled (no loop);
 * ``naive_per_batch``: Python loops over clients and batches, one jitted SGD step per
   batch (how per-batch simulators work);
 * ``ours_loop`` is the other naive form: a Python loop over clients calling one jitted

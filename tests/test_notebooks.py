@@ -98,6 +98,7 @@ def execute_notebook(path: str, overrides: dict, kernel_dir: str, cwd: str):
   from ipykernel.kernelspec import write_kernel_spec
   from jupyter_client.kernelspec import KernelSpecManager
   from jupyter_client.manager import AsyncKernelManager
+  from jupyter_client.utils import run_sync
   from nbclient import NotebookClient
   from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
@@ -119,6 +120,10 @@ def execute_notebook(path: str, overrides: dict, kernel_dir: str, cwd: str):
     where = f"cell {failed[0]}" if failed else "a cell"
     source = nb.cells[failed[0]].source if failed else ""
     raise AssertionError(f"{name}: {where} failed:\n{source}\n\n{e}") from None
+  finally:
+    # nbclient leaves a kernel it did not start running: stop it (it holds a JAX process).
+    if km.has_kernel:
+      run_sync(km.shutdown_kernel)(now=True)
   return nb
 
 
