@@ -651,7 +651,8 @@ def test_fedzo_vmap_and_sharded_backends_agree():
   np.testing.assert_allclose(np.asarray(finals["vmap"].params),
                              np.asarray(finals["sharded"].params), atol=1e-6)
   np.testing.assert_allclose(np.asarray(global_control(finals["vmap"])),
-                             np.asarray(global_control(finals["sharded"])), atol=1e-6)
+                             np.asarray(global_control(finals["sharded"])), rtol=3e-5,
+                             atol=1e-6)   # float32 rounding differs between the programs
 
 
 @pytest.mark.slow
