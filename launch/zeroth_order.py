@@ -1,6 +1,7 @@
 """Federated zeroth-order optimisation of a black-box problem (FZooS, FedZO and variants).
 
     python -m launch.zeroth_order                                  # FZooS, synthetic quadratic
+                                                                   # (80 s on an idle 2-core CPU)
     python -m launch.zeroth_order --config.algorithm=fedzo         # FedZO, the same problem
     python -m launch.zeroth_order --config=launch/configs/fzoos_attack_digits.py
     python -m launch.zeroth_order --config=launch/configs/fzoos_attack_mnist.py
