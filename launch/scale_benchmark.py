@@ -1,6 +1,6 @@
 """Memory at scale: SCAFFOLD's per-client table on the host against the table on device.
 
-    python -m launch.scale_benchmark                      # N = 10k, 100k, 1M (< 1 minute)
+    python -m launch.scale_benchmark                      # N = 10k, 100k, 1M (42 s on an idle 2-core CPU)
     python -m launch.scale_benchmark --populations=10000  # only the side-by-side one
 
 Workload: the digits MLP 64-200-10 trained with SCAFFOLD, 100 clients per round, each

@@ -1,6 +1,6 @@
 """The client map's substrate: chunk sizes, and DrJAX against our own mappers.
 
-    python -m launch.substrate_benchmark --quick     # cohorts 100 and 1,000, < 2 minutes
+    python -m launch.substrate_benchmark --quick     # cohorts 100 and 1,000 (34 s on an idle 2-core CPU)
     python -m launch.substrate_benchmark             # adds a cohort of 10,000
     python -m launch.substrate_benchmark --cohorts=1000,10000 --systems=vmap \
         --chunks=16,64 --stacked --check_devices=0    # streamed vs stacked messages
@@ -47,7 +47,7 @@ from fedjax_lab.algorithm import make_round
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data import FederatedData
 
-_QUICK = flags.DEFINE_bool("quick", False, "Cohorts 100 and 1,000 only (under 2 minutes).")
+_QUICK = flags.DEFINE_bool("quick", False, "Cohorts 100 and 1,000 only (34 s on an idle 2-core CPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per system (median reported).")
 _CHUNKS = flags.DEFINE_list("chunks", ["16", "64", "256"], "Chunk sizes for the vmap mapper.")
 _CHECK_DEVICES = flags.DEFINE_integer(
