@@ -60,6 +60,8 @@ def scan(f: Callable, init, xs=None, length=None, unroll: bool = False):
   if not unroll:
     return jax.lax.scan(f, init, xs, length=length)
   count = length if xs is None else jax.tree.leaves(xs)[0].shape[0]
+  if length is not None and length != count:
+    raise ValueError(f"scan got length={length} and xs with {count} rows.")
   carry, ys = init, []
   for i in range(count):
     carry, y = f(carry, None if xs is None else jax.tree.map(lambda x: x[i], xs))

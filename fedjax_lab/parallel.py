@@ -311,8 +311,11 @@ class Backend:
                          length=num_rounds, unroll=num_rounds == 1)
       return self.jit(run, static_argnums=3, donate_argnums=(0,) if donate_state else ())
 
+    probing = [False]   # a trace made only to decide how the rounds run is no compile
+
     def run_padded(state, arrays, offsets, num_rounds):
-      traced()
+      if not probing[0]:
+        traced()
       metric_shapes = jax.eval_shape(round_fn, state, arrays, offsets)[1]
 
       def skip(s):
@@ -335,11 +338,21 @@ class Backend:
     def run(state, arrays, offsets, num_rounds):
       if not 0 <= num_rounds <= max_rounds:
         raise ValueError(f"num_rounds={num_rounds} is outside [0, max_rounds={max_rounds}].")
+      count = jnp.asarray(num_rounds, jnp.int32)
       if not from_python:
         # Rounds that convolve run one jitted round per Python iteration on the CPU
-        # (XLA:CPU's convolutions are slow inside the rounds' scan).
-        from_python.append(jax.default_backend() == "cpu" and loops.convolves(
-            jax.make_jaxpr(round_fn)(state, arrays, offsets)))
+        # (XLA:CPU's convolutions are slow inside the rounds' scan). The decision reads
+        # the scan's own trace, which jit reuses when it compiles the scan.
+        convolves = False
+        if jax.default_backend() == "cpu":
+          probing[0] = True
+          try:
+            convolves = loops.convolves(padded.trace(state, arrays, offsets, count).jaxpr)
+          finally:
+            probing[0] = False
+          if not convolves:
+            traced()   # the probe's trace is the compilation's
+        from_python.append(convolves)
       if from_python[0]:
         records = []
         for _ in range(num_rounds):
@@ -349,7 +362,7 @@ class Backend:
           return state, jax.tree.map(lambda m: jnp.zeros((0,) + m.shape, m.dtype),
                                      jax.eval_shape(round_fn, state, arrays, offsets)[1])
         return state, jax.tree.map(lambda *rows: jnp.stack(rows), *records)
-      state, metrics = padded(state, arrays, offsets, jnp.asarray(num_rounds, jnp.int32))
+      state, metrics = padded(state, arrays, offsets, count)
       return state, jax.tree.map(lambda m: m[:num_rounds], metrics)
     return run
 
@@ -427,21 +440,9 @@ class LoopBackend(Backend):
 
   def scan(self, f, init, xs=None, length=None, unroll=False):
     del unroll   # a Python loop already
-    count = length if xs is None else _count(xs)
-    if xs is not None and length is not None and length != count:
-      raise ValueError(f"scan got length={length} and xs with {count} rows.")
-    carry = jax.tree.map(jnp.asarray, init)
-    one = lambda i: None if xs is None else jax.tree.map(lambda x: jnp.asarray(x[i]), xs)
-    if count == 0:
-      row = None if xs is None else jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)), xs)
-      shapes = jax.eval_shape(f, carry, row)[1]
-      return carry, jax.tree.map(lambda s: jnp.zeros((0,) + s.shape, s.dtype), shapes)
-    ys = []
-    for i in range(count):
-      carry, y = f(carry, one(i))
-      ys.append(y)
-    return carry, _stack(ys)
+    # Eager steps take jax arrays (a numpy carry would not accept .at[] updates).
+    xs = None if xs is None else jax.tree.map(jnp.asarray, xs)
+    return loops.scan(f, jax.tree.map(jnp.asarray, init), xs, length=length, unroll=True)
 
   def make_mapper(self, client_fn, aggregator, chunk_size=None):
     validate_chunk_size(chunk_size)   # accepted, and moot: one client at a time

@@ -113,6 +113,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from launch import workdir as workdir_lib
   workdir_lib.quiet_logs()
+  workdir_lib.use_compilation_cache()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   try:

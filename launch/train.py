@@ -41,6 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   workdir_lib.quiet_logs()
+  workdir_lib.use_compilation_cache()
   from fedjax_lab import checkpoint, training
   from launch import common   # after flag parsing, so --help is fast
   config = _CONFIG.value

@@ -130,6 +130,7 @@ def main(argv, config_flag, workdir_flag, progress_flag):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from launch import workdir as workdir_lib
   workdir_lib.quiet_logs()
+  workdir_lib.use_compilation_cache()
   config = config_flag.value
   try:
     with workdir_lib.open_run(workdir_flag.value, config):

@@ -225,3 +225,23 @@ def test_unknown_keys_and_names_are_one_line_before_data_loads():
   for key, value in [("algorithm", "fedavgg"), ("partition", "dirichlett"), ("model", "vit")]:
     with pytest.raises(ValueError, match=f"Unknown {key} '{value}'"):
       common.check_names(tiny_config(**{key: value}))
+
+
+def test_compilation_cache_flag_fills_the_directory_and_a_rerun_loads_from_it(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  cache = tmp_path / "cache"
+  args = [sys.executable, "-m", "launch.train", "--progress=false", "--config.rounds=2",
+          "--config.num_clients=10", "--config.clients_per_round=3",
+          f"--compilation_cache={cache}", "--verbose_logs"]
+  first, second = (subprocess.run(args, cwd=REPO, env={**env, "JAX_LOG_COMPILES": "1"},
+                                  capture_output=True, text=True, timeout=600)
+                   for _ in range(2))
+  assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+  summaries = [json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, second)]
+  for s in summaries:
+    s.pop("wall_s")
+  assert summaries[0] == summaries[1]
+  assert len(os.listdir(cache)) >= 3             # the round, the evaluator, the init
+  assert "Persistent compilation cache hit" not in first.stderr
+  assert "Persistent compilation cache hit for 'jit_run_padded'" in second.stderr or \
+      "Persistent compilation cache hit for 'jit_run'" in second.stderr, second.stderr[-3000:]
