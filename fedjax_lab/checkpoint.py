@@ -31,11 +31,17 @@ from typing import Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 HOST_TABLES = "host_tables"
 DIGESTS = "digests"
 _BLOCK_BYTES = 64 << 20   # rows copied at a time between memmaps
+
+
+def _ocp():
+  """orbax.checkpoint, imported when a run first checkpoints (its import is a quarter
+  of a second of every run's start-up, most of which never checkpoint)."""
+  import orbax.checkpoint as ocp
+  return ocp
 
 
 class CheckpointError(RuntimeError):
@@ -84,6 +90,7 @@ class Checkpointer:
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise CheckpointError(f"Checkpoint path {self.directory} exists and is not a directory.")
     try:
+      ocp = _ocp()
       self._manager = ocp.CheckpointManager(
           self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
     except Exception as e:  # orbax raises many types for unreadable directories
@@ -135,7 +142,7 @@ class Checkpointer:
         del copy
       shutil.rmtree(final, ignore_errors=True)
       os.rename(partial, final)
-    self._manager.save(round_, args=ocp.args.StandardSave(tree))
+    self._manager.save(round_, args=_ocp().args.StandardSave(tree))
     self._pending = (round_, digest(tree))
     if memmaps or not all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
       self.wait_until_finished()
@@ -227,11 +234,11 @@ class Checkpointer:
       if type(x) is np.ndarray:   # pylint: disable=unidiomatic-typecheck
         return x                  # restores as numpy: a host table stays on the host
       if isinstance(x, np.generic):   # a numpy scalar (orbax has no such type)
-        return ocp.utils.to_shape_dtype_struct(jax.numpy.asarray(x))
-      return ocp.utils.to_shape_dtype_struct(x)
+        return _ocp().utils.to_shape_dtype_struct(jax.numpy.asarray(x))
+      return _ocp().utils.to_shape_dtype_struct(x)
 
     try:
-      restored = self._manager.restore(step, args=ocp.args.StandardRestore(
+      restored = self._manager.restore(step, args=_ocp().args.StandardRestore(
           jax.tree.unflatten(treedef, [abstract(x) for x in leaves])))
       restored_leaves = jax.tree.flatten(restored, is_leaf=_is_none)[0]
       if len(restored_leaves) != len(leaves):
