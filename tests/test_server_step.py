@@ -82,9 +82,13 @@ def _first_of_each_module():
 SGD0_BY_DEFAULT = _first_of_each_module()
 
 
-@pytest.mark.parametrize("name", [
-    name if name in SGD0_BY_DEFAULT else pytest.param(name, marks=pytest.mark.slow)
-    for name in sorted(algorithms.REGISTRY)])
+def registry_names(by_default):
+  """Every registry name; those outside ``by_default`` marked slow."""
+  return [name if name in by_default else pytest.param(name, marks=pytest.mark.slow)
+          for name in sorted(algorithms.REGISTRY)]
+
+
+@pytest.mark.parametrize("name", registry_names(SGD0_BY_DEFAULT))
 def test_server_tx_is_replaceable_on_every_registered_method(name):
   method, params, data, cohort = _built(name)
   # x + sgd(0)(g) = x exactly, whatever the method's rule does to g.
@@ -93,9 +97,7 @@ def test_server_tx_is_replaceable_on_every_registered_method(name):
   assert max_abs_diff(frozen, params) == 0.0
 
 
-@pytest.mark.parametrize("name", [
-    name if name in ADAM_BY_DEFAULT else pytest.param(name, marks=pytest.mark.slow)
-    for name in sorted(algorithms.REGISTRY)])
+@pytest.mark.parametrize("name", registry_names(ADAM_BY_DEFAULT))
 def test_a_replaced_server_tx_takes_effect(name):
   method, params, data, cohort = _built(name)
   # Adam's first step moves every coordinate with a nonzero pseudo-gradient by about its
