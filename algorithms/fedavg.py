@@ -8,7 +8,7 @@ Deep Networks from Decentralized Data", AISTATS 2017 (Algorithm 1).
 """
 import optax
 
-from fedjax_lab import oracles
+from fedjax_lab import one_step
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 
@@ -17,8 +17,9 @@ def fedavg(example_loss, client_lr: float, server_lr: float = 1.0,
            schedule: LocalSchedule = LocalSchedule(), weighting: str = "num_examples",
            name: str = "fedavg") -> FederatedAlgorithm:
   """FedAvg with client SGD(``client_lr``) and server SGD(``server_lr``)."""
+  # local_sgd: with one local step the round is one gradient (fedjax_lab.one_step).
   return FederatedAlgorithm(
-      name=name, oracle=oracles.first_order(example_loss), client_tx=optax.sgd(client_lr),
+      name=name, **one_step.local_sgd(example_loss, client_lr),
       server_tx=optax.sgd(server_lr), schedule=schedule, weighting=weighting)
 
 

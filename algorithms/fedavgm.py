@@ -11,7 +11,7 @@ the pseudo-gradient -Delta_t. A baseline of FedHyper's comparisons.
 import optax
 
 from algorithms.fedavg import schedule_from_config
-from fedjax_lab import hyperparams, oracles
+from fedjax_lab import hyperparams, one_step
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 
@@ -25,7 +25,7 @@ def fedavgm(example_loss, client_lr: float, server_lr: float = 1.0, momentum: fl
   # A concrete 0 drops optax's trace (FedAvg exactly); an array keeps it.
   trace = None if hyperparams.static_value(momentum) == 0 else momentum
   return FederatedAlgorithm(
-      name="fedavgm", oracle=oracles.first_order(example_loss), client_tx=optax.sgd(client_lr),
+      name="fedavgm", **one_step.local_sgd(example_loss, client_lr),
       server_tx=optax.sgd(server_lr, momentum=trace), schedule=schedule, weighting=weighting)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from algorithms.fedavg import schedule_from_config
-from fedjax_lab import hyperparams, oracles
+from fedjax_lab import hyperparams, one_step
 from fedjax_lab.algorithm import FederatedAlgorithm
 from fedjax_lab.client import LocalSchedule
 
@@ -177,8 +177,7 @@ def fedopt(example_loss, kind: str, client_lr: float, server_lr: float,
   """FedAdam / FedYogi / FedAdagrad (``kind``): client SGD(``client_lr``), the server
   optimizer ``server_optimizer(kind, server_lr, b1, b2, tau, convention)``."""
   return FederatedAlgorithm(
-      name=f"fed{kind}", oracle=oracles.first_order(example_loss),
-      client_tx=optax.sgd(client_lr),
+      name=f"fed{kind}", **one_step.local_sgd(example_loss, client_lr),
       server_tx=server_optimizer(kind, server_lr, b1, b2, tau, convention),
       schedule=schedule, weighting=weighting)
 

@@ -27,6 +27,7 @@ import optax
 
 from fedjax_lab import aggregate as aggregate_lib
 from fedjax_lab import client as client_lib
+from fedjax_lab import one_step
 from fedjax_lab import parallel
 from fedjax_lab import sampling
 from fedjax_lab import server_rules
@@ -116,6 +117,12 @@ class FederatedAlgorithm:
     personalize: ``(global_params, client_state, train_data, size, rng) -> params``,
       the model client i is evaluated with on its own test split (None: the global
       model); ``personalization.evaluate_clients`` calls it.
+    one_step_sgd: the ``one_step.OneStepSGD`` of a method built on
+      ``one_step.local_sgd`` (FedAvg, FedOpt, FedAvg-M): where a round is one local
+      SGD step per client on a backend that vectorises the cohort, the round computes
+      the aggregate as one gradient of the cohort's weighted loss (``one_step``; equal
+      up to float rounding). Replacing the oracle, client transform, aggregator or a
+      client hook turns it off, as does ``one_step_sgd=None``.
   """
   name: str
   oracle: GradientOracle
@@ -137,6 +144,7 @@ class FederatedAlgorithm:
   round_end: Optional[Callable] = None
   init_local_params: Optional[Callable[[dict, PyTree], Params]] = None
   personalize: Optional[Callable] = None
+  one_step_sgd: Optional[one_step.OneStepSGD] = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
@@ -162,8 +170,13 @@ class FederatedAlgorithm:
         agg_state=self.aggregator.init(),
         rule_state=self.server_rule.init(params))
 
-  def client_update(self, message_down: dict, one_client: tuple, max_examples: int):
-    """One client's round: ``(message_up, weight, outputs)`` for parallel.py."""
+  def client_update(self, message_down: dict, one_client: tuple, max_examples: int,
+                    largest_client: Optional[jax.Array] = None):
+    """One client's round: ``(message_up, weight, outputs)`` for parallel.py.
+
+    ``largest_client``: the cohort's largest example count, shared by all its clients
+    (None: unknown); local steps past it are skipped, not masked (``local_train``).
+    """
     client_state, data, size, rng = one_client
     extra_args = self.client_extra_args(message_down, client_state)
     oracle_state = (None if self.init_oracle_state is None
@@ -173,7 +186,7 @@ class FederatedAlgorithm:
              else self.init_local_params(message_down, client_state))
     local = client_lib.local_train(
         self.oracle, as_extra_args(self.client_tx), self.schedule, start,
-        data, size, rng, extra_args, max_examples, oracle_state, step_limit)
+        data, size, rng, extra_args, max_examples, oracle_state, step_limit, largest_client)
     message_up, client_state = self.client_final(local, message_down, client_state)
     if self.weighting == "num_examples":
       weight = size.astype(jnp.float32)
@@ -279,6 +292,27 @@ def pad_cohort(ids: jax.Array, padded: int, num_clients: int) -> jax.Array:
   return jnp.concatenate([ids, jnp.full((pad,), num_clients, jnp.int32)])
 
 
+def takes_one_gradient_round(algorithm: FederatedAlgorithm, backend: parallel.BackendLike,
+                             max_examples: int) -> bool:
+  """Whether the round computes the aggregate as one gradient (``one_step``): the method
+  still holds the pieces its ``one_step_sgd`` names and the default client hooks, every
+  client's round is one step over all its examples, and the backend vectorises the cohort.
+  """
+  spec = algorithm.one_step_sgd
+  if spec is None or not parallel.get_backend(backend).vectorizes_cohort:
+    return False
+  same_pieces = (algorithm.oracle is spec.oracle and algorithm.client_tx is spec.client_tx
+                 and algorithm.aggregator is spec.aggregator)
+  default_hooks = (algorithm.broadcast is default_broadcast
+                   and algorithm.client_extra_args is default_client_extra_args
+                   and algorithm.client_final is default_client_final
+                   and algorithm.init_client_state is None
+                   and algorithm.init_oracle_state is None and algorithm.step_limit is None
+                   and algorithm.init_local_params is None)
+  return same_pieces and default_hooks and one_step.fits_one_step(algorithm.schedule,
+                                                                   max_examples)
+
+
 def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
                      backend: parallel.Backend, chunk_size: Optional[int] = None) -> Callable:
   """``body(state, ids, client_key, arrays, offsets, read_rows, write_rows)``.
@@ -292,10 +326,15 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
   sampling.validate_cohort(num_clients, clients_per_round)
   max_examples = int(data.max_client_size)
 
-  def client_fn(message_down, one_client):
-    return algorithm.client_update(message_down, one_client, max_examples)
+  def client_fn(shared, one_client):
+    message_down, largest_client = shared
+    return algorithm.client_update(message_down, one_client, max_examples, largest_client)
 
-  mapper = backend.make_mapper(client_fn, algorithm.aggregator, chunk_size)
+  if takes_one_gradient_round(algorithm, backend, max_examples):
+    mapper = one_step.make_mapper(algorithm.one_step_sgd, algorithm.schedule,
+                                  algorithm.weighting, max_examples)
+  else:
+    mapper = backend.make_mapper(client_fn, algorithm.aggregator, chunk_size)
 
   def body(state: ServerState, ids, client_key, arrays, offsets, read_rows, write_rows):
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
@@ -303,8 +342,10 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     # Keys by client id, so a client's randomness does not depend on the backend.
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
     message_down = algorithm.broadcast(state)
+    # The largest client is shared by the cohort: steps no client reaches are skipped.
     aggregate, outputs, agg_state = mapper(
-        message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
+        (message_down, jnp.max(sizes)), (client_states, cohort, sizes, keys), state.agg_state,
+        client_ids=ids)
     # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
     # cohorts, the drawn size for Poisson ones.
     cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients

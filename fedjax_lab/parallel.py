@@ -257,6 +257,9 @@ class Backend:
   name: str = "backend"
   compiled: bool = True
   spans_devices: bool = False   # splits its work over the devices of a mesh
+  # Runs the cohort as one vectorised program on one device (rounds of one SGD step
+  # may then run as one gradient: fedjax_lab.one_step).
+  vectorizes_cohort: bool = False
   collectives: Collectives = LOCAL_COLLECTIVES
 
   def padded_cohort_size(self, cohort_size: int) -> int:
@@ -397,6 +400,7 @@ class Backend:
 class VmapBackend(Backend):
   """All clients vectorised with ``jax.vmap`` on one device (chunked with ``chunk_size``)."""
   name = "vmap"
+  vectorizes_cohort = True
 
   def make_mapper(self, client_fn, aggregator, chunk_size=None):
     validate_chunk_size(chunk_size)
