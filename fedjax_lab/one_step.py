@@ -94,9 +94,10 @@ def make_mapper(spec: OneStepSGD, schedule: client_lib.LocalSchedule, weighting:
       # One batch of every client's rows: XLA keeps its matmuls' operands as they are,
       # where a vmap over clients makes it transpose them ([C, n, d] -> [d, C n]).
       count = sizes.shape[0]
-      flat = {name: a.reshape((count * max_examples,) + a.shape[2:]) for name, a in data.items()}
-      losses = spec.example_loss(params, flat, keys[0]).reshape(count, max_examples)
       mask = jnp.arange(max_examples)[None, :] < sizes[:, None]
+      flat = {name: a.reshape((count * max_examples,) + a.shape[2:])
+              for name, a in {**data, "mask": mask}.items()}
+      losses = spec.example_loss(params, flat, keys[0]).reshape(count, max_examples)
       return jax.vmap(oracles.masked_mean)(losses, mask)
     batches, step_keys = jax.vmap(first_batch)(data, sizes, keys)
     return jax.vmap(loss, in_axes=(None, 0, 0))(params, batches, step_keys)
