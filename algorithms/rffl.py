@@ -176,15 +176,14 @@ class RFFLAlgorithm(byzantine.TaggedAlgorithm):
       state = state._replace(client_states={**state.client_states, "model": models})
     return state
 
-  def client_update(self, message_down, one_client, max_examples, largest_client=None):
+  def client_update(self, message_down, one_client, max_examples):
     if not self.personalized:
-      return super().client_update(message_down, one_client, max_examples, largest_client)
+      return super().client_update(message_down, one_client, max_examples)
     client_state = one_client[0]
     q = message_down["reward_share"][client_state["tags"]["client_id"]]
     start = jax.tree.map(jnp.add, client_state["model"],
                          top_fraction(message_down["reward"], q))
-    return super().client_update({**message_down, "params": start}, one_client, max_examples,
-                                 largest_client)
+    return super().client_update({**message_down, "params": start}, one_client, max_examples)
 
 
 class RewardState(NamedTuple):

@@ -170,13 +170,8 @@ class FederatedAlgorithm:
         agg_state=self.aggregator.init(),
         rule_state=self.server_rule.init(params))
 
-  def client_update(self, message_down: dict, one_client: tuple, max_examples: int,
-                    largest_client: Optional[jax.Array] = None):
-    """One client's round: ``(message_up, weight, outputs)`` for parallel.py.
-
-    ``largest_client``: the cohort's largest example count, shared by all its clients
-    (None: unknown); local steps past it are skipped, not masked (``local_train``).
-    """
+  def client_update(self, message_down: dict, one_client: tuple, max_examples: int):
+    """One client's round: ``(message_up, weight, outputs)`` for parallel.py."""
     client_state, data, size, rng = one_client
     extra_args = self.client_extra_args(message_down, client_state)
     oracle_state = (None if self.init_oracle_state is None
@@ -186,7 +181,7 @@ class FederatedAlgorithm:
              else self.init_local_params(message_down, client_state))
     local = client_lib.local_train(
         self.oracle, as_extra_args(self.client_tx), self.schedule, start,
-        data, size, rng, extra_args, max_examples, oracle_state, step_limit, largest_client)
+        data, size, rng, extra_args, max_examples, oracle_state, step_limit)
     message_up, client_state = self.client_final(local, message_down, client_state)
     if self.weighting == "num_examples":
       weight = size.astype(jnp.float32)
@@ -296,7 +291,7 @@ def takes_one_gradient_round(algorithm: FederatedAlgorithm, backend: parallel.Ba
                              max_examples: int) -> bool:
   """Whether the round computes the aggregate as one gradient (``one_step``): the method
   still holds the pieces its ``one_step_sgd`` names and the default client hooks, every
-  client's round is one step over all its examples, and the backend vectorises the cohort.
+  client's round is one local step, and the backend vectorises the cohort.
   """
   spec = algorithm.one_step_sgd
   if spec is None or not parallel.get_backend(backend).vectorizes_cohort:
@@ -326,9 +321,8 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
   sampling.validate_cohort(num_clients, clients_per_round)
   max_examples = int(data.max_client_size)
 
-  def client_fn(shared, one_client):
-    message_down, largest_client = shared
-    return algorithm.client_update(message_down, one_client, max_examples, largest_client)
+  def client_fn(message_down, one_client):
+    return algorithm.client_update(message_down, one_client, max_examples)
 
   if takes_one_gradient_round(algorithm, backend, max_examples):
     mapper = one_step.make_mapper(algorithm.one_step_sgd, algorithm.schedule,
@@ -342,10 +336,8 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     # Keys by client id, so a client's randomness does not depend on the backend.
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
     message_down = algorithm.broadcast(state)
-    # The largest client is shared by the cohort: steps no client reaches are skipped.
     aggregate, outputs, agg_state = mapper(
-        (message_down, jnp.max(sizes)), (client_states, cohort, sizes, keys), state.agg_state,
-        client_ids=ids)
+        message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
     # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
     # cohorts, the drawn size for Poisson ones.
     cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients

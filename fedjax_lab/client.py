@@ -130,8 +130,7 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
                 schedule: LocalSchedule, params: Params, data: dict[str, jax.Array],
                 size: jax.Array, rng: PRNGKey, extra_args: dict[str, Any],
                 max_examples: int, oracle_state: PyTree = None,
-                step_limit: Optional[jax.Array] = None,
-                largest_client: Optional[jax.Array] = None) -> LocalResult:
+                step_limit: Optional[jax.Array] = None) -> LocalResult:
   """Runs the local steps of one client: the first, then a ``lax.scan`` of the rest.
 
   Args:
@@ -150,10 +149,6 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
     step_limit: optional int scalar; the steps after the first ``step_limit`` real
       ones (steps that see an example) are masked, so a per-round number of local
       steps (e.g. decaying) keeps static shapes.
-    largest_client: optional int scalar shared by the whole cohort (unbatched under
-      vmap), its largest example count: in epochs mode the steps of every epoch past
-      it see no client's example, and run as a ``lax.cond`` that skips them instead of
-      computing and masking them (the numbers are the same).
   """
   shuffle_key, step_key = jax.random.split(rng)
   indices, mask = batch_plan(schedule, size, max_examples, shuffle_key)
@@ -190,30 +185,18 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
              jax.tree.map(lambda t, a: t + jnp.where(active, a, 0), aux_sum, aux))
     return carry, None
 
-  if largest_client is not None and schedule.steps is None:
-    batch = schedule.resolved_batch_size(max_examples)
-    within_epoch = jnp.arange(indices.shape[0]) % (indices.shape[0] // schedule.epochs)
-    reached = within_epoch * batch < largest_client
-
-    def scan_step(carry, plan):
-      # ``reached`` is the cohort's, so the cond stays a branch under vmap.
-      return jax.lax.cond(plan[-1], lambda c: step(c, plan[:-1]), lambda c: (c, None), carry)
-  else:
-    reached, scan_step = None, step
-
   init = (params, opt_state, oracle_state, jnp.zeros((), jnp.int32), aux_zeros)
   steps = jnp.arange(indices.shape[0])
-  plans = (steps, indices, mask) if reached is None else (steps, indices, mask, reached)
   if indices.shape[0] > 0:
     # The first step outside the scan: there the params are still the broadcast ones,
     # so under vmap its forward and input gradients are one matmul over every
     # client's examples (a scan's carry is batched from its first step on).
     init, _ = step(init, (steps[0], indices[0], mask[0]))
-    plans = jax.tree.map(lambda p: p[1:], plans)
+    steps, indices, mask = steps[1:], indices[1:], mask[1:]
   unroll = schedule.unroll
   if unroll is None:
-    unroll = loops.unroll_steps(loops.primitive_names(oracle_jaxpr), plans[0].shape[0])
+    unroll = loops.unroll_steps(loops.primitive_names(oracle_jaxpr), indices.shape[0])
   (params, opt_state, oracle_state, num_steps, aux_sum), _ = loops.scan(
-      scan_step, init, plans, unroll=bool(unroll))
+      step, init, (steps, indices, mask), unroll=bool(unroll))
   mean_loss = aux_sum["loss"] / jnp.maximum(num_steps, 1).astype(aux_sum["loss"].dtype)
   return LocalResult(params, opt_state, oracle_state, num_steps, mean_loss, aux_sum)

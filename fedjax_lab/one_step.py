@@ -102,10 +102,10 @@ def make_mapper(spec: OneStepSGD, schedule: client_lib.LocalSchedule, weighting:
     batches, step_keys = jax.vmap(first_batch)(data, sizes, keys)
     return jax.vmap(loss, in_axes=(None, 0, 0))(params, batches, step_keys)
 
-  def mapper(shared, per_client, agg_state, client_ids=None):
+  def mapper(message_down, per_client, agg_state, client_ids=None):
     del client_ids
     client_states, data, sizes, keys = per_client
-    params = shared[0]["params"]   # shared: (message_down, the largest client's size)
+    params = message_down["params"]
     one_batch = jax.eval_shape(lambda: {**jax.tree.map(lambda a: a[0], data),
                                         "mask": jnp.ones((max_examples,), bool)})
     order_free = schedule.steps is None and not _reads_key(loss, params, one_batch, keys[0])

@@ -65,10 +65,9 @@ class AnchorSampled(FederatedAlgorithm):
   anchor_oracle: GradientOracle = None
   anchor_prob: float = 0.2
 
-  def client_update(self, message_down, one_client, max_examples, largest_client=None):
+  def client_update(self, message_down, one_client, max_examples):
     client_state, data, size, rng = one_client
-    message, weight, outputs = super().client_update(message_down, one_client, max_examples,
-                                                     largest_client)
+    message, weight, outputs = super().client_update(message_down, one_client, max_examples)
     anchor = full_gradient(self.anchor_oracle, message_down["params"], data, size, rng)
     is_anchor = jax.random.bernoulli(jax.random.fold_in(rng, _ANCHOR_COIN), self.anchor_prob)
     is_anchor = is_anchor & (size > 0)
