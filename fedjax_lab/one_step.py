@@ -19,7 +19,7 @@ still holds exactly those pieces and default hooks, the schedule is one local st
 and the backend runs the cohort as one vectorised program.
 """
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +37,10 @@ class OneStepSGD:
 
   Attributes:
     example_loss: the per-example loss the oracle differentiates.
-    learning_rate: the clients' SGD rate (a number or a traced array).
     oracle, client_tx, aggregator: the method's pieces this describes; the shortcut
       is taken only while the method holds these very objects.
   """
   example_loss: Callable
-  learning_rate: Any
   oracle: GradientOracle
   client_tx: optax.GradientTransformation
   aggregator: Aggregator
@@ -53,7 +51,7 @@ def local_sgd(example_loss, client_lr) -> dict:
   method: first-order oracle, ``optax.sgd(client_lr)``, weighted mean."""
   pieces = {"oracle": oracles.first_order(example_loss), "client_tx": optax.sgd(client_lr),
             "aggregator": aggregate_lib.weighted_mean()}
-  return {**pieces, "one_step_sgd": OneStepSGD(example_loss, client_lr, **pieces)}
+  return {**pieces, "one_step_sgd": OneStepSGD(example_loss, **pieces)}
 
 
 def fits_one_step(schedule: client_lib.LocalSchedule, max_examples: int) -> bool:
