@@ -31,6 +31,7 @@ from fedjax_lab import one_step
 from fedjax_lab import parallel
 from fedjax_lab import sampling
 from fedjax_lab import server_rules
+from fedjax_lab import size_buckets as size_buckets_lib
 from fedjax_lab.data.federated import FederatedData, gather_cohort
 from fedjax_lab.transforms import Aggregator, GradientOracle, as_extra_args
 from fedjax_lab.types import Params, PRNGKey, PyTree
@@ -308,27 +309,76 @@ def takes_one_gradient_round(algorithm: FederatedAlgorithm, backend: parallel.Ba
                                                                    max_examples)
 
 
+def plan_size_buckets(algorithm: FederatedAlgorithm, data: FederatedData, cohort_size: int,
+                      backend: parallel.BackendLike = "vmap",
+                      chunk_size: Optional[int] = None) -> tuple:
+  """The ``size_buckets`` a round of distinct clients runs its cohort in (``()``: none).
+
+  Bucketing applies where the backend vectorises the cohort, the method trains its
+  clients with ``FederatedAlgorithm.client_update`` on an epochs schedule of a fixed
+  batch size, the aggregator is not streamed over chunks, the population's sizes are
+  known, and the saving is worth it (``size_buckets.plan``).
+  """
+  backend = parallel.get_backend(backend)
+  sizes = getattr(data, "client_sizes", None)
+  if (sizes is None or not backend.vectorizes_cohort
+      or type(algorithm).client_update is not FederatedAlgorithm.client_update
+      or parallel._streams(algorithm.aggregator, chunk_size, cohort_size)):
+    return ()
+  return size_buckets_lib.plan(sizes, cohort_size, algorithm.schedule,
+                               int(data.max_client_size))
+
+
 def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
-                     backend: parallel.Backend, chunk_size: Optional[int] = None) -> Callable:
+                     backend: parallel.Backend, chunk_size: Optional[int] = None,
+                     size_buckets=False) -> Callable:
   """``body(state, ids, client_key, arrays, offsets, read_rows, write_rows)``.
 
   The round after sampling. ``read_rows(state, ids)`` gives the cohort's client
   states and ``write_rows(state, ids, new_rows) -> state`` stores them: a gather and
   a scatter on ``state.client_states`` on device, or rows passed in and returned
   when the table lives elsewhere. Returns ``(state, new_rows, metrics)``.
+  ``size_buckets``: the ids are distinct, so the cohort may run in size buckets: True
+  (``plan_size_buckets``) or the ``size_buckets.Bucket`` tuple to use.
   """
   num_clients = data.num_clients
   sampling.validate_cohort(num_clients, clients_per_round)
   max_examples = int(data.max_client_size)
 
-  def client_fn(message_down, one_client):
-    return algorithm.client_update(message_down, one_client, max_examples)
+  def client_fn_for_rows(rows):
+    return lambda message_down, one_client: algorithm.client_update(message_down, one_client,
+                                                                    rows)
 
+  buckets = ()
   if takes_one_gradient_round(algorithm, backend, max_examples):
     mapper = one_step.make_mapper(algorithm.one_step_sgd, algorithm.schedule,
                                   algorithm.weighting, max_examples)
   else:
-    mapper = backend.make_mapper(client_fn, algorithm.aggregator, chunk_size)
+    mapper = backend.make_mapper(client_fn_for_rows(max_examples), algorithm.aggregator,
+                                 chunk_size)
+    if size_buckets is True:
+      buckets = plan_size_buckets(algorithm, data, backend.padded_cohort_size(clients_per_round),
+                                  backend, chunk_size)
+    elif size_buckets:
+      buckets = tuple(size_buckets_lib.Bucket(*b) for b in size_buckets)
+  if buckets:
+    bucket_mapper = size_buckets_lib.make_mapper(client_fn_for_rows, algorithm.aggregator,
+                                                 buckets, chunk_size, backend.collectives)
+
+  def bucketed(message_down, client_states, cohort):
+    """Whether this trace maps the cohort in buckets: a multi-epoch schedule moves the
+    step keys, so only an oracle that does not read its key keeps its numbers."""
+    if not buckets:
+      return False
+    if algorithm.schedule.epochs == 1:
+      return True
+    params = message_down["params"]
+    batch = {**jax.tree.map(lambda a: a[0, :algorithm.schedule.batch_size], cohort),
+             "mask": jnp.ones((algorithm.schedule.batch_size,), bool)}
+    oracle_state = (algorithm.oracle.init(params) if algorithm.init_oracle_state is None
+                    else algorithm.init_oracle_state(
+                        message_down, jax.tree.map(lambda a: a[0], client_states)))
+    return not size_buckets_lib.reads_step_key(algorithm.oracle, params, batch, oracle_state)
 
   def body(state: ServerState, ids, client_key, arrays, offsets, read_rows, write_rows):
     cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
@@ -336,8 +386,13 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     # Keys by client id, so a client's randomness does not depend on the backend.
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
     message_down = algorithm.broadcast(state)
-    aggregate, outputs, agg_state = mapper(
-        message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
+    operands = (message_down, (client_states, cohort, sizes, keys), state.agg_state)
+    if bucketed(message_down, client_states, cohort):
+      aggregate, outputs, agg_state = jax.lax.cond(
+          size_buckets_lib.fits(offsets, buckets), lambda ops: bucket_mapper(*ops),
+          lambda ops: mapper(*ops), operands)
+    else:
+      aggregate, outputs, agg_state = mapper(*operands, client_ids=ids)
     # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
     # cohorts, the drawn size for Poisson ones.
     cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients
@@ -406,7 +461,8 @@ def make_round_core(algorithm: FederatedAlgorithm, data: FederatedData, clients_
 def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_round: int,
                backend: parallel.BackendLike = "vmap", mesh=None,
                chunk_size: Optional[int] = None,
-               sampler: Optional[sampling.Sampler] = None) -> Callable:
+               sampler: Optional[sampling.Sampler] = None,
+               size_buckets=True) -> Callable:
   """Builds ``round_fn(state, arrays, offsets) -> (state, metrics)``, pure.
 
   ``sampler(key, round) -> ids [C]`` chooses each round's cohort (default: uniform;
@@ -419,13 +475,21 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
   ``chunk_size`` vectorises that many clients at a time (``parallel.make_mapper``):
   less memory for large cohorts, and on CPU faster from about 1,000 clients up.
 
+  ``size_buckets``: with the default uniform sampler (distinct clients), run the
+  cohort sorted by size in buckets each padded only to what it needs
+  (``fedjax_lab.size_buckets``); same numbers up to float rounding. True: where
+  ``plan_size_buckets`` finds them worth it; a tuple of ``size_buckets.Bucket``: those
+  (e.g. ``size_buckets.plan(..., max_buckets=4, min_saving=0.0)`` for a long run);
+  False: every client padded to the largest.
+
   ``arrays, offsets = data.device_arrays()`` are passed as arguments (not closed
   over) so a large dataset is not baked into the compiled program. The client-state
   table ``state.client_states [N, ...]`` stays on the device: the cohort's rows are
   gathered, run through the round (``make_round_core``) and scattered back.
   """
   backend = parallel.get_backend(backend, mesh)
-  body = _make_round_body(algorithm, data, clients_per_round, backend, chunk_size)
+  body = _make_round_body(algorithm, data, clients_per_round, backend, chunk_size,
+                          size_buckets=size_buckets if sampler is None else False)
   num_clients = data.num_clients
   padded = backend.padded_cohort_size(clients_per_round)
 
