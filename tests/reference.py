@@ -96,14 +96,22 @@ def tree_close(a, b, atol):
                                atol=atol, rtol=0, err_msg=f"leaf {k}")
 
 
-def run_rounds(method, data, params, rounds, clients_per_round=None, seed=0, backend="vmap"):
-  """States after 0..rounds jitted rounds (vmap and full participation by default)."""
+def rounds_with_metrics(method, data, params, rounds, clients_per_round=None, seed=0,
+                        backend="vmap", **round_options):
+  """(states after 0..rounds jitted rounds, each round's metrics); vmap and full
+  participation by default, ``round_options`` go to ``make_round``."""
   clients_per_round = clients_per_round or data.num_clients
-  round_fn = jax.jit(make_round(method, data, clients_per_round, backend))
+  round_fn = jax.jit(make_round(method, data, clients_per_round, backend, **round_options))
   state = method.init(params, jax.random.PRNGKey(seed), data.num_clients)
   arrays, offsets = data.device_arrays()
-  states = [state]
+  states, metrics = [state], []
   for _ in range(rounds):
-    state, _ = round_fn(state, arrays, offsets)
+    state, m = round_fn(state, arrays, offsets)
     states.append(state)
-  return states
+    metrics.append(m)
+  return states, metrics
+
+
+def run_rounds(method, data, params, rounds, clients_per_round=None, seed=0, backend="vmap"):
+  """States after 0..rounds jitted rounds (vmap and full participation by default)."""
+  return rounds_with_metrics(method, data, params, rounds, clients_per_round, seed, backend)[0]

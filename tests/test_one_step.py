@@ -21,14 +21,9 @@ SIZES = [5, 9, 3, 12, 7, 1]
 
 
 def _rounds(method, data, params, rounds=3, clients_per_round=4, backend="vmap"):
-  round_fn = jax.jit(make_round(method, data, clients_per_round, backend))
-  state = method.init(params, jax.random.PRNGKey(3), data.num_clients)
-  arrays, offsets = data.device_arrays()
-  metrics = []
-  for _ in range(rounds):
-    state, m = round_fn(state, arrays, offsets)
-    metrics.append(m)
-  return state, metrics
+  states, metrics = reference.rounds_with_metrics(method, data, params, rounds,
+                                                  clients_per_round, seed=3, backend=backend)
+  return states[-1], metrics
 
 
 def _mapped(method):

@@ -99,14 +99,9 @@ def _dropout_loss(params, batch, rng):
 
 
 def _run(method, data, params, rounds, cohort, buckets):
-  round_fn = jax.jit(make_round(method, data, cohort, size_buckets=buckets))
-  state = method.init(params, jax.random.PRNGKey(5), data.num_clients)
-  arrays, offsets = data.device_arrays()
-  metrics = []
-  for _ in range(rounds):
-    state, m = round_fn(state, arrays, offsets)
-    metrics.append(m)
-  return state, metrics
+  states, metrics = reference.rounds_with_metrics(method, data, params, rounds, cohort, seed=5,
+                                                  size_buckets=buckets)
+  return states[-1], metrics
 
 
 def _assert_same_rounds(method, data, params, cohort, buckets=True, rounds=3):
