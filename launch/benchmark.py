@@ -7,7 +7,8 @@ Everything is timed in one process on the same workload, and reported as ratios:
 * ``ours_vmap`` / ``ours_vmap_rpc10`` / ``ours_sharded`` / ``ours_loop``: fedjax_lab rounds
   (sampling, gather, masking, metrics included) with ``rounds_per_call`` 1 or 10;
 * ``limit``: jitted centralized SGD doing the same gradient steps on batches of
-  cohort_size x batch_size examples (the same arithmetic without federated bookkeeping),
+  cohort_size x batch_size examples (batch_size at most the largest client; the same
+  arithmetic without federated bookkeeping),
   the faster of a ``lax.scan`` of the steps and the steps unrolled (no loop); every
   client's share of it is the padded round's steps, where size buckets
   (``padded_vmap_rpc10``: the round without them) skip most of a small client's;
@@ -216,7 +217,8 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
     results["bare_jit_vmap"] = (first - 10 * steady, steady, times)
 
   if "limit" in systems:
-    big_batch = clients_per_round * batch_size
+    # A client's batch holds at most its population's largest client.
+    big_batch = clients_per_round * min(batch_size, int(data.max_client_size))
     grad = jax.grad(lambda p, x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         model.apply(p, x), y)))
 
