@@ -60,6 +60,16 @@ def test_shuffled_epoch_visits_every_real_example_once():
   assert not np.array_equal(indices[0][mask[0]], indices[1][mask[1]])   # reshuffled
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, client_lib.COMPARISON_SORT_MAX,
+                               client_lib.COMPARISON_SORT_MAX + 1])
+def test_stable_argsort_is_numpys_stable_argsort(n):
+  rng = np.random.default_rng(n)
+  for keys in (rng.uniform(size=n), rng.integers(0, 3, size=n).astype(np.float32),
+               np.zeros(n, np.float32)):                     # ties keep index order
+    got = np.asarray(jax.jit(client_lib.stable_argsort)(jnp.asarray(keys, jnp.float32)))
+    np.testing.assert_array_equal(got, np.argsort(keys.astype(np.float32), kind="stable"))
+
+
 def test_steps_schedule_runs_the_same_step_count_for_every_client():
   for size in (1, 5, 40):
     _, mask = client_lib.batch_plan(LocalSchedule(batch_size=8, steps=6), jnp.int32(size), 40,
