@@ -1,6 +1,6 @@
 """Side-by-side speed of fedjax_lab rounds, the hardware limit and naive simulators.
 
-    python -m launch.benchmark --quick            # 2.5 min on an idle 2-core CPU
+    python -m launch.benchmark --quick            # 2-2.5 min on an idle 2-core CPU
     python -m launch.benchmark --out=docs/        # full run; writes docs/benchmarks.{json,png}
 
 Everything is timed in one process on the same workload, and reported as ratios:
@@ -57,7 +57,7 @@ _PEERS_DIR = None
 
 def _define_flags():
   global _QUICK, _REPEATS, _OUT, _WORKLOADS, _STUDY, _STUDY_ROUNDS, _STUDY_REPEATS, _STUDY_SYSTEMS, _PEERS, _ASYNC, _PEERS_DIR
-  _QUICK = flags.DEFINE_bool("quick", False, "Small settings (2.5 minutes on an idle 2-core CPU, measured).")
+  _QUICK = flags.DEFINE_bool("quick", False, "Small settings (2-2.5 minutes on an idle 2-core CPU, measured).")
   _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per system (median reported).")
   _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and the sweep plot.")
   _WORKLOADS = flags.DEFINE_list("workloads", None, "Subset of workloads to run (default: all).")
