@@ -314,16 +314,18 @@ def plan_size_buckets(algorithm: FederatedAlgorithm, data: FederatedData, cohort
                       chunk_size: Optional[int] = None) -> tuple:
   """The ``size_buckets`` a round of distinct clients runs its cohort in (``()``: none).
 
-  Bucketing applies where the backend vectorises the cohort, the method trains its
-  clients with ``FederatedAlgorithm.client_update`` on an epochs schedule of a fixed
-  batch size, the aggregator is not streamed over chunks, the population's sizes are
-  known, and the saving is worth it (``size_buckets.plan``).
+  Bucketing applies where the backend vectorises the cohort, the round is not one
+  gradient (``takes_one_gradient_round``), the method trains its clients with
+  ``FederatedAlgorithm.client_update`` on an epochs schedule of a fixed batch size, the
+  aggregator is not streamed over chunks, the population's sizes are known, and the
+  saving is worth it (``size_buckets.plan``).
   """
   backend = parallel.get_backend(backend)
   sizes = getattr(data, "client_sizes", None)
   if (sizes is None or not backend.vectorizes_cohort
+      or takes_one_gradient_round(algorithm, backend, int(data.max_client_size))
       or type(algorithm).client_update is not FederatedAlgorithm.client_update
-      or parallel._streams(algorithm.aggregator, chunk_size, cohort_size)):
+      or parallel.streams_aggregate(algorithm.aggregator, chunk_size, cohort_size)):
     return ()
   return size_buckets_lib.plan(sizes, cohort_size, algorithm.schedule,
                                int(data.max_client_size))

@@ -177,7 +177,7 @@ def _count(per_client) -> int:
   return jax.tree.leaves(per_client)[0].shape[0]
 
 
-def _streams(aggregator: Aggregator, chunk_size: Optional[int], count: int) -> bool:
+def streams_aggregate(aggregator: Aggregator, chunk_size: Optional[int], count: int) -> bool:
   """Whether ``count`` clients in chunks of ``chunk_size`` go through the aggregator's stream."""
   return aggregator.stream is not None and chunk_size is not None and chunk_size < count
 
@@ -185,7 +185,7 @@ def _streams(aggregator: Aggregator, chunk_size: Optional[int], count: int) -> b
 def _map_and_aggregate(client_fn: Callable, aggregator: Aggregator, chunk_size: Optional[int],
                        shared, per_client, agg_state, collectives: Collectives):
   """All of ``per_client``'s clients here: map (chunked, streamed) and aggregate."""
-  if _streams(aggregator, chunk_size, _count(per_client)):
+  if streams_aggregate(aggregator, chunk_size, _count(per_client)):
     acc, outputs = map_clients_streaming(client_fn, shared, per_client, aggregator.stream,
                                          agg_state, chunk_size)
     aggregate, agg_state = aggregator.stream.finish(acc, agg_state, collectives)
@@ -627,7 +627,7 @@ class ShardedBackend(Backend):
       if count % mesh.size:
         raise ValueError(f"The sharded backend needs a cohort padded to a multiple of "
                          f"{mesh.size} devices, got {count} clients.")
-      streaming = _streams(aggregator, chunk_size, count // mesh.size)
+      streaming = streams_aggregate(aggregator, chunk_size, count // mesh.size)
       uploads, outputs = local_updates(streaming)(shared, per_client, agg_state)
       aggregate, agg_state = aggregation(streaming)(uploads, agg_state)
       return aggregate, outputs, agg_state

@@ -36,10 +36,6 @@ class Bucket(NamedTuple):
   rows: int
 
 
-def _steps(schedule: client_lib.LocalSchedule, rows: int) -> int:
-  return schedule.num_steps(rows)
-
-
 def plan(client_sizes: Sequence[int], cohort_size: int, schedule: client_lib.LocalSchedule,
          max_examples: int, max_buckets: int = 3, min_saving: float = 0.25,
          bucket_cost: float = 0.05) -> tuple[Bucket, ...]:
@@ -64,9 +60,9 @@ def plan(client_sizes: Sequence[int], cohort_size: int, schedule: client_lib.Loc
   rows = np.minimum(np.maximum(-(-largest // batch), 1) * batch, max_examples)
   rows[0] = max_examples
   starts = [0] + [j for j in range(1, cohort_size) if rows[j] != rows[j - 1]]
-  level_steps = [_steps(schedule, int(rows[s])) for s in starts]
+  level_steps = [schedule.num_steps(int(rows[s])) for s in starts]
   ends = starts[1:] + [cohort_size]
-  full = cohort_size * _steps(schedule, max_examples)
+  full = cohort_size * schedule.num_steps(max_examples)
   penalty = bucket_cost * full
   # best[g][i]: cheapest cover of levels i.. with g buckets; a bucket starting at
   # level i runs level i's steps for all of its clients.
@@ -96,7 +92,7 @@ def plan(client_sizes: Sequence[int], cohort_size: int, schedule: client_lib.Loc
 
 def client_steps(buckets: Sequence[Bucket], schedule: client_lib.LocalSchedule) -> int:
   """Client-steps a round of these buckets computes (masked ones included)."""
-  return sum(b.count * _steps(schedule, b.rows) for b in buckets)
+  return sum(b.count * schedule.num_steps(b.rows) for b in buckets)
 
 
 def fits(offsets: jax.Array, buckets: Sequence[Bucket]) -> jax.Array:
@@ -161,7 +157,7 @@ def describe(buckets: Sequence[Bucket], schedule: client_lib.LocalSchedule,
              max_examples: int) -> str:
   """One line: the buckets and the client-steps they save."""
   count = sum(b.count for b in buckets)
-  full = count * _steps(schedule, max_examples)
+  full = count * schedule.num_steps(max_examples)
   parts = ", ".join(f"{b.count} x {b.rows} rows" for b in buckets)
   return f"{parts}: {client_steps(buckets, schedule)} of {full} client-steps"
 

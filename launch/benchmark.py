@@ -33,8 +33,7 @@ import optax
 
 from algorithms.fedavg import fedavg
 from fedjax_lab import loops, models, parallel, size_buckets
-from fedjax_lab.algorithm import (make_multi_round, make_round, plan_size_buckets,
-                                  takes_one_gradient_round)
+from fedjax_lab.algorithm import make_multi_round, make_round, plan_size_buckets
 from fedjax_lab.client import LocalSchedule
 from fedjax_lab.data.federated import gather_cohort
 from launch.workloads import (PfLCnn, digits_population, equal_digits_population,
@@ -144,8 +143,7 @@ def measure(name, population, model, clients_per_round, batch_size, client_lr, r
 
   # Client-steps a round computes, masked ones included: size buckets skip most of a
   # small client's padding (fedjax_lab.size_buckets); the limit runs the padded ones.
-  buckets = (() if takes_one_gradient_round(method, "vmap", data.max_client_size)
-             else plan_size_buckets(method, data, clients_per_round))
+  buckets = plan_size_buckets(method, data, clients_per_round)
   row["padded_client_steps"] = clients_per_round * steps
   row["client_steps"] = (size_buckets.client_steps(buckets, schedule) if buckets
                          else clients_per_round * steps)
