@@ -32,7 +32,7 @@ from fedjax_lab import parallel
 from fedjax_lab import sampling
 from fedjax_lab import server_rules
 from fedjax_lab import size_buckets as size_buckets_lib
-from fedjax_lab.data.federated import FederatedData, gather_cohort
+from fedjax_lab.data.federated import FederatedData, cohort_sizes, gather_cohort
 from fedjax_lab.transforms import Aggregator, GradientOracle, as_extra_args
 from fedjax_lab.types import Params, PRNGKey, PyTree
 
@@ -367,7 +367,7 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     bucket_mapper = size_buckets_lib.make_mapper(client_fn_for_rows, algorithm.aggregator,
                                                  buckets, chunk_size, backend.collectives)
 
-  def bucketed(message_down, client_states, cohort):
+  def bucketed(message_down, client_states, arrays):
     """Whether this trace maps the cohort in buckets: a multi-epoch schedule moves the
     step keys, so only an oracle that does not read its key keeps its numbers."""
     if not buckets:
@@ -375,26 +375,34 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     if algorithm.schedule.epochs == 1:
       return True
     params = message_down["params"]
-    batch = {**jax.tree.map(lambda a: a[0, :algorithm.schedule.batch_size], cohort),
-             "mask": jnp.ones((algorithm.schedule.batch_size,), bool)}
+    batch_size = algorithm.schedule.batch_size
+    batch = {**jax.tree.map(lambda a: jnp.zeros((batch_size,) + a.shape[1:], a.dtype), arrays),
+             "mask": jnp.ones((batch_size,), bool)}
     oracle_state = (algorithm.oracle.init(params) if algorithm.init_oracle_state is None
                     else algorithm.init_oracle_state(
                         message_down, jax.tree.map(lambda a: a[0], client_states)))
     return not size_buckets_lib.reads_step_key(algorithm.oracle, params, batch, oracle_state)
 
   def body(state: ServerState, ids, client_key, arrays, offsets, read_rows, write_rows):
-    cohort, sizes = gather_cohort(arrays, offsets, ids, max_examples)
+    gather = lambda cohort_ids, rows: gather_cohort(arrays, offsets, cohort_ids, rows)[0]
+    sizes = cohort_sizes(offsets, ids, max_examples)
     client_states = read_rows(state, ids)
     # Keys by client id, so a client's randomness does not depend on the backend.
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
     message_down = algorithm.broadcast(state)
-    operands = (message_down, (client_states, cohort, sizes, keys), state.agg_state)
-    if bucketed(message_down, client_states, cohort):
+    # Gathered inside each branch: the buckets gather only the rows they run.
+    padded_cohort = lambda: gather(ids, max_examples)
+    if bucketed(message_down, client_states, arrays):
       aggregate, outputs, agg_state = jax.lax.cond(
-          size_buckets_lib.fits(offsets, buckets), lambda ops: bucket_mapper(*ops),
-          lambda ops: mapper(*ops), operands)
+          size_buckets_lib.fits(offsets, buckets),
+          lambda ops: bucket_mapper(ops[0], (ops[1], sizes, keys),
+                                    lambda positions, rows: gather(ids[positions], rows), ops[2]),
+          lambda ops: mapper(ops[0], (ops[1], padded_cohort(), sizes, keys), ops[2]),
+          (message_down, client_states, state.agg_state))
     else:
-      aggregate, outputs, agg_state = mapper(*operands, client_ids=ids)
+      aggregate, outputs, agg_state = mapper(
+          message_down, (client_states, padded_cohort(), sizes, keys), state.agg_state,
+          client_ids=ids)
     # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
     # cohorts, the drawn size for Poisson ones.
     cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients
@@ -403,7 +411,7 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
                                   cohort_fraction)
     new_rows = outputs["client_state"]
     if algorithm.round_end is not None:
-      state, new_rows = algorithm.round_end(before, state, cohort, new_rows, keys,
+      state, new_rows = algorithm.round_end(before, state, padded_cohort(), new_rows, keys,
                                             ids < num_clients)
     state = write_rows(state._replace(round=state.round + 1), ids, new_rows)
     weights = outputs["weight"]

@@ -108,13 +108,16 @@ def fits(offsets: jax.Array, buckets: Sequence[Bucket]) -> jax.Array:
 
 
 def map_clients(client_fn_for_rows: Callable[[int], Callable], shared, per_client,
-                buckets: Sequence[Bucket], chunk_size: Optional[int] = None):
+                gather_rows: Callable, buckets: Sequence[Bucket],
+                chunk_size: Optional[int] = None):
   """``parallel.map_clients`` of the cohort, bucket by bucket; outputs in client order.
 
-  ``per_client = (client_states, data, sizes, keys)`` with data leaves ``[C, rows, ...]``;
-  ``client_fn_for_rows(rows)`` is the client function for clients padded to ``rows``.
+  ``per_client = (client_states, sizes, keys)``; ``gather_rows(positions, rows)`` gives
+  the data of the cohort's clients at ``positions``, leaves ``[len(positions), rows,
+  ...]``, so each bucket gathers only the rows it runs. ``client_fn_for_rows(rows)`` is
+  the client function for clients padded to ``rows``.
   """
-  client_states, data, sizes, keys = per_client
+  client_states, sizes, keys = per_client
   count = sizes.shape[0]
   if sum(b.count for b in buckets) != count:
     raise ValueError(f"The buckets hold {sum(b.count for b in buckets)} clients; the cohort "
@@ -124,22 +127,23 @@ def map_clients(client_fn_for_rows: Callable[[int], Callable], shared, per_clien
   parts, start = [], 0
   for bucket in buckets:
     idx = order[start:start + bucket.count]
-    rows = {name: jnp.take(a[:, :bucket.rows], idx, axis=0) for name, a in data.items()}
-    part = (take(client_states, idx), rows, sizes[idx], keys[idx])
+    part = (take(client_states, idx), gather_rows(idx, bucket.rows), sizes[idx], keys[idx])
     parts.append(parallel.map_clients(client_fn_for_rows(bucket.rows), shared, part,
                                       chunk_size))
     start += bucket.count
   stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-  return take(stacked, jnp.argsort(order))
+  position = jnp.zeros_like(order).at[order].set(jnp.arange(count, dtype=order.dtype))
+  return take(stacked, position)
 
 
 def make_mapper(client_fn_for_rows: Callable[[int], Callable], aggregator, buckets,
                 chunk_size: Optional[int], collectives) -> Callable:
-  """A mapper with ``parallel.Backend.make_mapper``'s signature over the buckets."""
-  def mapper(shared, per_client, agg_state, client_ids=None):
-    del client_ids
-    messages, weights, outputs = map_clients(client_fn_for_rows, shared, per_client, buckets,
-                                             chunk_size)
+  """``mapper(shared, (client_states, sizes, keys), gather_rows, agg_state)``:
+  ``parallel.Backend.make_mapper``'s mapper over the buckets, with each bucket's data
+  from ``gather_rows`` (``map_clients``)."""
+  def mapper(shared, per_client, gather_rows, agg_state):
+    messages, weights, outputs = map_clients(client_fn_for_rows, shared, per_client,
+                                             gather_rows, buckets, chunk_size)
     aggregate, agg_state = aggregator.update(messages, weights, agg_state, collectives)
     return aggregate, outputs, agg_state
   return mapper

@@ -61,13 +61,27 @@ def test_shuffled_epoch_visits_every_real_example_once():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, client_lib.COMPARISON_SORT_MAX,
-                               client_lib.COMPARISON_SORT_MAX + 1])
+                               client_lib.COMPARISON_SORT_MAX + 1, 200,
+                               client_lib.PACKED_SORT_MAX, client_lib.PACKED_SORT_MAX + 1])
 def test_stable_argsort_is_numpys_stable_argsort(n):
   rng = np.random.default_rng(n)
-  for keys in (rng.uniform(size=n), rng.integers(0, 3, size=n).astype(np.float32),
-               np.zeros(n, np.float32)):                     # ties keep index order
-    got = np.asarray(jax.jit(client_lib.stable_argsort)(jnp.asarray(keys, jnp.float32)))
-    np.testing.assert_array_equal(got, np.argsort(keys.astype(np.float32), kind="stable"))
+  top = 2**client_lib.PACKED_KEY_BITS
+  for keys in (rng.integers(0, top, size=n), rng.integers(top - 3, top, size=n),
+               np.zeros(n, np.int64)):                      # ties keep index order
+    got = np.asarray(jax.jit(client_lib.stable_argsort)(jnp.asarray(keys, jnp.uint32)))
+    np.testing.assert_array_equal(got, np.argsort(keys, kind="stable"))
+
+
+def test_shuffle_is_the_stable_argsort_of_uniform_keys():
+  """The orders are those of ``jax.random.uniform`` keys (real slots) and 2 + slot."""
+  rng, size = jax.random.PRNGKey(4), 45
+  for max_examples in (40, 64, 300):
+    orders = client_lib._orders(rng, jnp.int32(size), max_examples, 2, True)
+    for i in range(2):
+      keys = np.asarray(jax.random.uniform(jax.random.fold_in(rng, i), (max_examples,)))
+      slots = np.arange(max_examples)
+      want = np.argsort(np.where(slots < size, keys, 2.0 + slots), kind="stable")
+      np.testing.assert_array_equal(np.asarray(orders[i]), want)
 
 
 def test_steps_schedule_runs_the_same_step_count_for_every_client():

@@ -131,6 +131,24 @@ class FederatedData:
                 jnp.asarray(self.client_offsets, dtype=jnp.int32))
 
 
+def _cohort_rows(client_offsets, cohort_ids, max_examples: int) -> tuple[jax.Array, jax.Array]:
+    """(first row, size capped at ``max_examples``; 0 for padding ids) of each client."""
+    offsets = jnp.asarray(client_offsets).astype(jnp.int32)
+    ids = jnp.asarray(cohort_ids).astype(jnp.int32)
+    num_clients = offsets.shape[0] - 1
+    valid = (ids >= 0) & (ids < num_clients)
+    safe = jnp.clip(ids, 0, max(num_clients - 1, 0))
+    start = jnp.take(offsets, safe, mode="clip")
+    stop = jnp.take(offsets, safe + 1, mode="clip")
+    return start, jnp.where(valid, jnp.minimum(stop - start, max_examples), 0).astype(jnp.int32)
+
+
+def cohort_sizes(client_offsets: jax.Array, cohort_ids: jax.Array, max_examples: int) -> jax.Array:
+    """The ``sizes`` of ``gather_cohort(arrays, client_offsets, cohort_ids, max_examples)``
+    without gathering the rows."""
+    return _cohort_rows(client_offsets, cohort_ids, int(max_examples))[1]
+
+
 def gather_cohort(arrays: Mapping[str, jax.Array], client_offsets: jax.Array,
                   cohort_ids: jax.Array, max_examples: int) -> tuple[dict[str, jax.Array], jax.Array]:
     """Gathers a padded cohort from packed arrays (pure jnp; jit/vmap-safe).
@@ -149,14 +167,7 @@ def gather_cohort(arrays: Mapping[str, jax.Array], client_offsets: jax.Array,
       zeros otherwise; ``sizes`` is int32 ``[C]`` (already capped at max_examples).
     """
     max_examples = int(max_examples)
-    offsets = jnp.asarray(client_offsets).astype(jnp.int32)
-    ids = jnp.asarray(cohort_ids).astype(jnp.int32)
-    num_clients = offsets.shape[0] - 1
-    valid = (ids >= 0) & (ids < num_clients)
-    safe = jnp.clip(ids, 0, max(num_clients - 1, 0))
-    start = jnp.take(offsets, safe, mode="clip")
-    stop = jnp.take(offsets, safe + 1, mode="clip")
-    sizes = jnp.where(valid, jnp.minimum(stop - start, max_examples), 0).astype(jnp.int32)
+    start, sizes = _cohort_rows(client_offsets, cohort_ids, max_examples)
     j = jnp.arange(max_examples, dtype=jnp.int32)
     mask = j[None, :] < sizes[:, None]  # [C, max_examples]
     cohort = {}
