@@ -196,7 +196,9 @@ def local_train(oracle: GradientOracle, client_tx: optax.GradientTransformationE
     real = jnp.any(mask, axis=1).astype(jnp.int32)
     mask = mask & ((jnp.cumsum(real) - real) < step_limit)[:, None]
   def gather_batch(step_indices, step_mask):
-    batch = {name: jnp.take(array, step_indices, axis=0) for name, array in data.items()}
+    # The indices are in bounds: "clip" gathers without take's fill (a select per row).
+    batch = {name: jnp.take(array, step_indices, axis=0, mode="clip")
+             for name, array in data.items()}
     return {**batch, "mask": step_mask}
 
   # One trace of a step's gradients gives the aux shapes and what decides unrolling.

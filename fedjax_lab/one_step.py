@@ -84,7 +84,7 @@ def make_mapper(spec: OneStepSGD, schedule: client_lib.LocalSchedule, weighting:
   def first_batch(data, size, rng):
     shuffle_key, step_key = jax.random.split(rng)
     indices, mask = client_lib.batch_plan(schedule, size, max_examples, shuffle_key)
-    batch = {name: jnp.take(array, indices[0], axis=0) for name, array in data.items()}
+    batch = {name: jnp.take(array, indices[0], axis=0, mode="clip") for name, array in data.items()}
     return {**batch, "mask": mask[0]}, jax.random.fold_in(step_key, 0)
 
   def client_losses(params, data, sizes, keys, order_free):
