@@ -489,7 +489,7 @@ def make_round(algorithm: FederatedAlgorithm, data: FederatedData, clients_per_r
   cohort sorted by size in buckets each padded only to what it needs
   (``fedjax_lab.size_buckets``); same numbers up to float rounding. True: where
   ``plan_size_buckets`` finds them worth it; a tuple of ``size_buckets.Bucket``: those
-  (e.g. ``size_buckets.plan(..., max_buckets=4, min_saving=0.0)`` for a long run);
+  (e.g. ``size_buckets.plan(..., max_buckets=5, min_saving=0.0)`` for a long run);
   False: every client padded to the largest.
 
   ``arrays, offsets = data.device_arrays()`` are passed as arguments (not closed

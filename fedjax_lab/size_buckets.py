@@ -47,8 +47,9 @@ def plan(client_sizes: Sequence[int], cohort_size: int, schedule: client_lib.Loc
   ``min_saving`` of the unbucketed steps. The defaults are for runs of a thousand
   rounds or so: the round compiles every bucket's clients and the unbucketed cohort
   (the fallback of ``fits``), about one more local-training program per bucket (for
-  100 MLP clients of 32-160 examples, 4 buckets save 28% of the client-steps, about 3
-  ms of 13 per round, and take 7.7 s to compile instead of 2.4 s).
+  100 MLP clients of 32-160 examples, 4 buckets save 28% of the client-steps and 30%
+  of the round's time, 12.0 against 17.0 ms side by side, and take 7.7 s to compile
+  instead of 2.4 s).
   """
   if schedule.steps is not None or schedule.batch_size is None or cohort_size < 2:
     return ()
