@@ -392,6 +392,7 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
     message_down = algorithm.broadcast(state)
     # Gathered inside each branch: the buckets gather only the rows they run.
     padded_cohort = lambda: gather(ids, max_examples)
+    cohort = None
     if bucketed(message_down, client_states, arrays):
       aggregate, outputs, agg_state = jax.lax.cond(
           size_buckets_lib.fits(offsets, buckets),
@@ -400,9 +401,9 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
           lambda ops: mapper(ops[0], (ops[1], padded_cohort(), sizes, keys), ops[2]),
           (message_down, client_states, state.agg_state))
     else:
+      cohort = padded_cohort()
       aggregate, outputs, agg_state = mapper(
-          message_down, (client_states, padded_cohort(), sizes, keys), state.agg_state,
-          client_ids=ids)
+          message_down, (client_states, cohort, sizes, keys), state.agg_state, client_ids=ids)
     # |S| / N over the real clients (padding ids are num_clients): C / N for fixed-size
     # cohorts, the drawn size for Poisson ones.
     cohort_fraction = jnp.sum(ids < num_clients).astype(jnp.float32) / num_clients
@@ -411,7 +412,8 @@ def _make_round_body(algorithm: FederatedAlgorithm, data: FederatedData, clients
                                   cohort_fraction)
     new_rows = outputs["client_state"]
     if algorithm.round_end is not None:
-      state, new_rows = algorithm.round_end(before, state, padded_cohort(), new_rows, keys,
+      cohort = padded_cohort() if cohort is None else cohort
+      state, new_rows = algorithm.round_end(before, state, cohort, new_rows, keys,
                                             ids < num_clients)
     state = write_rows(state._replace(round=state.round + 1), ids, new_rows)
     weights = outputs["weight"]
